@@ -1,0 +1,57 @@
+"""The model card: parameters, state sizes and cost of a built HybridModel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from archkit.blocks.common import state_bytes
+from archkit.model import HybridModel
+
+
+def model_card(model: HybridModel, window: int) -> dict[str, Any]:
+    """Everything ``archkit build`` reports, as plain JSON-ready values.
+
+    ``window`` is the attention window L: the KV bound and the attention FLOPs assume a
+    query sees at most L tokens. FLOPs per token count 2 per multiply-add of every
+    parameter matmul (embedding lookup excluded) plus each mixer's own work.
+    """
+    layers = []
+    for index, layer in enumerate(model.layers):
+        mixer = layer.mixer
+        fixed = state_bytes(mixer.init_state(1))
+        layers.append({
+            "index": index,
+            "block": layer.block_name,
+            "mlp": layer.mlp is not None,
+            "params": _count(layer.parameters()),
+            "fast_weight_bytes": fixed,
+            "kv_bytes_per_token": mixer.kv_bytes_per_token(),
+            "state_bytes": fixed + mixer.kv_bytes_per_token() * window,
+            "mixing_flops_per_token": mixer.mixing_flops_per_token(window),
+        })
+    params = _count(model.parameters())
+    embedding = model.embedding.weight.numel()
+    matmul_params = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d))
+    )
+    kv_per_token = sum(layer["kv_bytes_per_token"] for layer in layers)
+    fast_weight_bytes = sum(layer["fast_weight_bytes"] for layer in layers)
+    return {
+        "params": params,
+        "embedding_params": embedding,
+        "layers": layers,
+        "dtype": model.spec.dtype,
+        "window": window,
+        "fast_weight_bytes": fast_weight_bytes,
+        "kv_bytes_per_token": kv_per_token,
+        "kv_bytes_window": kv_per_token * window,
+        "state_bytes_per_sequence": fast_weight_bytes + kv_per_token * window,
+        "flops_per_token": 2 * matmul_params
+        + sum(layer["mixing_flops_per_token"] for layer in layers),
+    }
+
+
+def _count(parameters: Any) -> int:
+    return sum(p.numel() for p in {id(p): p for p in parameters}.values())

@@ -1,0 +1,153 @@
+"""The ``archkit`` command.
+
+Every user mistake (a bad spec, an unknown name) prints one readable paragraph on
+stderr and exits with status 2; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from archkit.registry import REGISTRIES, RegistryError
+from archkit.spec import SpecError, load_spec
+
+USAGE_ERROR = 2
+console = Console(width=None if sys.stdout.isatty() else 120)
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["a.b=3", "c=[1, 2]"]`` -> ``{"a.b": 3, "c": [1, 2]}`` (values parsed as YAML)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SpecError("--set", "KEY=VALUE with a dotted key, e.g. model.d_model=128",
+                            pair, file="<command line>")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    from archkit.card import model_card
+    from archkit.model import HybridModel
+
+    spec = load_spec(args.spec, parse_overrides(args.set))
+    model = HybridModel(spec.model)
+    card = model_card(model, args.window)
+    if args.json:
+        print(json.dumps({"name": spec.name, **card}, indent=2))
+        return
+    table = Table(title=f"{spec.name}: {args.spec}", title_justify="left")
+    for column in ("layer", "block", "mlp", "params", "fast weights", "KV / token",
+                   f"state (L={card['window']})"):
+        left = column in ("block", "mlp")
+        table.add_column(column, justify="left" if left else "right")
+    for layer in card["layers"]:
+        table.add_row(
+            str(layer["index"]), layer["block"], "yes" if layer["mlp"] else "no",
+            f"{layer['params']:,}", _bytes(layer["fast_weight_bytes"]),
+            _bytes(layer["kv_bytes_per_token"]), _bytes(layer["state_bytes"]),
+        )
+    console.print(table)
+    console.print(
+        f"parameters        {card['params']:,} ({card['embedding_params']:,} in the embedding)\n"
+        f"dtype             {card['dtype']}\n"
+        f"fast-weight state {_bytes(card['fast_weight_bytes'])} per sequence\n"
+        f"KV cache          {_bytes(card['kv_bytes_per_token'])} per token, at most "
+        f"{_bytes(card['kv_bytes_window'])} for a window of L={card['window']}\n"
+        f"FLOPs per token   {card['flops_per_token'] / 1e6:.2f} M (window L={card['window']})"
+    )
+
+
+def cmd_blocks(args: argparse.Namespace) -> None:
+    for registry in REGISTRIES:
+        table = Table(title=f"{registry.kind}s", title_justify="left", show_lines=True)
+        table.add_column("name", style="bold")
+        table.add_column("description")
+        table.add_column("config fields")
+        for entry in registry:
+            table.add_row(entry.name, entry.description, _fields(entry.config))
+        console.print(table)
+
+
+def _fields(config: type[BaseModel]) -> str:
+    lines = []
+    for name, field in config.model_fields.items():
+        default = "required" if field.is_required() else repr(field.default)
+        note = f"  ({field.description})" if field.description else ""
+        if field.is_required() and note.startswith("  (default: "):
+            default, note = note.removeprefix("  (default: ")[:-1], ""
+        lines.append(f"{name}: {_type_name(field.annotation)} = {default}{note}")
+    return "\n".join(lines) or "-"
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _type_name(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    args = typing.get_args(annotation)
+    if args and typing.get_origin(annotation) in (typing.Union, type(int | None)):
+        return " | ".join(_type_name(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="archkit", description="Build and search hybrid language models that sleep."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    build = commands.add_parser("build", help="validate a spec, build the model, print its card")
+    build.add_argument("spec", help="a model spec YAML file")
+    build.add_argument("--json", action="store_true", help="print the card as one JSON object")
+    build.add_argument("--window", type=_positive_int, default=1024,
+                       help="attention window L for the KV bound and FLOPs (default 1024)")
+    build.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a dotted spec key (repeatable)")
+    build.set_defaults(run=cmd_build)
+
+    blocks = commands.add_parser("blocks", help="list registered blocks, rules, controllers, tasks")
+    blocks.set_defaults(run=cmd_blocks)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], None] = args.run
+    try:
+        run(args)
+    except (SpecError, RegistryError) as err:
+        print(f"archkit: error: {err}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+
+
+if __name__ == "__main__":
+    main()

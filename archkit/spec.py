@@ -1,0 +1,284 @@
+"""The YAML schema of archkit: pydantic models, ``load_spec`` and ``SpecError``.
+
+A spec file is a mapping validated by :class:`Spec`. Every model forbids unknown keys.
+A file may ``extends: other.yaml`` (a path relative to itself): the other file is loaded
+first and this one is deep-merged over it; keys may also be written dotted
+(``model.d_model: 128``). Errors of any kind surface as one :class:`SpecError` naming the
+file, the field path, the offending value and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from archkit.registry import BLOCKS, RegistryError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class SpecError(Exception):
+    """A spec problem: which file, which field, what value, what was expected."""
+
+    def __init__(
+        self, path: str, expected: str, value: Any = None, file: str | Path | None = None
+    ) -> None:
+        self.path = path
+        self.expected = expected
+        self.value = value
+        self.file = str(file) if file is not None else None
+        super().__init__(str(self))
+
+    def with_file(self, file: str | Path) -> SpecError:
+        return SpecError(self.path, self.expected, self.value, self.file or file)
+
+    def __str__(self) -> str:
+        where = f"{self.file}: " if self.file else ""
+        field = self.path or "(top level)"
+        got = "" if self.value is None else f" (got {_short(self.value)})"
+        return f"{where}{field}{got}: {self.expected}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LayerEntry(StrictModel):
+    """One layer: a registered block, its config overrides, and whether it has an MLP."""
+
+    block: str
+    mlp: bool = True
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A resolved layer: block name, validated block config, MLP flag."""
+
+    block: str
+    config: BaseModel
+    mlp: bool
+
+
+class ModelSpec(StrictModel):
+    vocab_size: PositiveInt
+    d_model: PositiveInt
+    n_heads: PositiveInt = Field(4, description="default head count for every block")
+    pattern: str | None = Field(None, description="layer letters, e.g. AGAG")
+    legend: dict[str, str | LayerEntry] = Field(default_factory=dict)
+    layers: list[str | LayerEntry] | None = Field(None, description="explicit layer list")
+    blocks: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="config per block type, shared by its layers"
+    )
+    mlp_ratio: Annotated[float, Field(gt=0)] = 4.0
+    norm_eps: Annotated[float, Field(gt=0)] = 1e-5
+    tie_embeddings: bool = True
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    _layers: list[LayerSpec] = PrivateAttr(default_factory=list)
+
+    def model_post_init(self, _context: Any) -> None:
+        self._layers = _resolve_layers(self)
+
+    @property
+    def resolved_layers(self) -> list[LayerSpec]:
+        """The layer list that both notations (pattern + legend, or layers) validate to."""
+        return self._layers
+
+
+class Spec(StrictModel):
+    name: str
+    seed: int = 0
+    model: ModelSpec
+
+
+def _entry(where: str, item: str | LayerEntry) -> tuple[str, LayerEntry]:
+    if isinstance(item, str):
+        return where, LayerEntry(block=item)
+    return f"{where}.block", item
+
+
+def _resolve_layers(model: ModelSpec) -> list[LayerSpec]:
+    if (model.pattern is None) == (model.layers is None):
+        raise SpecError(
+            "model.pattern", "give either `pattern` (with `legend`) or `layers`, not both",
+            model.pattern,
+        )
+    if model.pattern is not None:
+        if not model.pattern:
+            raise SpecError("model.pattern", "a non-empty string of legend letters", "")
+        for letter in model.pattern:
+            if letter not in model.legend:
+                raise SpecError(
+                    "model.pattern", f"letter {letter!r} is not in model.legend "
+                    f"(legend letters: {', '.join(sorted(model.legend)) or 'none'})",
+                    model.pattern,
+                )
+        items = [_entry(f"model.legend.{c}", model.legend[c]) for c in model.pattern]
+    else:
+        assert model.layers is not None
+        if not model.layers:
+            raise SpecError("model.layers", "at least one layer", [])
+        items = [_entry(f"model.layers[{i}]", x) for i, x in enumerate(model.layers)]
+    for name in model.blocks:
+        if name not in BLOCKS:
+            raise SpecError(f"model.blocks.{name}", BLOCKS.unknown_message(name))
+    return [_layer_spec(model, where, entry) for where, entry in items]
+
+
+def _layer_spec(model: ModelSpec, where: str, entry: LayerEntry) -> LayerSpec:
+    try:
+        config_model = BLOCKS.get(entry.block).config
+    except RegistryError as err:
+        raise SpecError(where, str(err), entry.block) from None
+    shared = model.blocks.get(entry.block, {})
+    raw = {**shared, **entry.config}
+    if "n_heads" in config_model.model_fields and raw.get("n_heads") is None:
+        raw["n_heads"] = model.n_heads
+
+    def field_path(field: str) -> str:
+        layer_base = where.removesuffix(".block")
+        if field in entry.config:
+            return f"{layer_base}.config.{field}"
+        if field == "n_heads" and field not in shared:
+            return "model.n_heads"
+        return f"model.blocks.{entry.block}.{field}"
+
+    try:
+        config = config_model.model_validate(raw)
+    except ValidationError as err:
+        problem = _from_validation(err, config_model)
+        raise SpecError(field_path(problem.path), problem.expected, problem.value) from None
+    check = getattr(config, "check", None)
+    problem = check(model.d_model) if check is not None else None
+    if problem:
+        field, expected = problem
+        raise SpecError(field_path(field), expected, getattr(config, field, None))
+    return LayerSpec(block=entry.block, config=config, mlp=entry.mlp)
+
+
+def _from_validation(err: ValidationError, root: type[BaseModel], prefix: str = "") -> SpecError:
+    first = err.errors()[0]
+    loc = [str(p) if isinstance(p, str) else f"[{p}]" for p in first["loc"]]
+    path = ".".join(filter(None, [prefix, *loc])).replace(".[", "[")
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(root, first["loc"][:-1])
+        close = difflib.get_close_matches(str(first["loc"][-1]), allowed, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        expected = f"unknown key; allowed here: {', '.join(allowed)}.{hint}"
+        return SpecError(path, expected)
+    if first["type"] == "missing":
+        return SpecError(path, "required field is missing")
+    return SpecError(path, _lowercase_first(first["msg"]), first.get("input"))
+
+
+def _lowercase_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def _allowed_keys(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Walk the schema along ``loc`` to list the keys the enclosing model accepts."""
+    model: Any = root
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        model = _model_in(field.annotation) if field else None
+    return sorted(model.model_fields) if model is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Mappings merge recursively; anything else in ``over`` replaces ``base``."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_dotted(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply ``{"a.b.c": value}`` overrides, creating intermediate mappings."""
+    result = dict(data)
+    for dotted, value in overrides.items():
+        nested: Any = value
+        for part in reversed(dotted.split(".")):
+            nested = {part: nested}
+        result = deep_merge(result, nested)
+    return result
+
+
+def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping, resolving ``extends`` chains and dotted keys."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+        raise SpecError("extends", f"circular extends chain: {chain}", file=path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SpecError("", f"cannot read the file ({err.strerror})", file=path) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError("", f"not valid YAML: {err}".replace("\n", " "), file=path) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError("", "the file must hold a mapping of keys", type(data).__name__,
+                        file=path)
+    dotted = {k: v for k, v in data.items() if isinstance(k, str) and "." in k}
+    plain = {k: v for k, v in data.items() if k not in dotted and k != "extends"}
+    if "extends" in data:
+        parent = data["extends"]
+        if not isinstance(parent, str):
+            raise SpecError("extends", "a path to another YAML file", parent, file=path)
+        parent_path = (path.parent / parent)
+        if not parent_path.exists():
+            raise SpecError("extends", f"no such file: {parent_path}", parent, file=path)
+        base = load_yaml_tree(parent_path, (*_seen, path.resolve()))
+        plain = deep_merge(base, plain)
+    return apply_dotted(plain, dotted)
+
+
+def parse_spec(
+    data: Mapping[str, Any], file: str | Path | None = None, schema: type[BaseModel] = Spec
+) -> Any:
+    """Validate a mapping against ``schema``; every failure becomes a SpecError."""
+    try:
+        return schema.model_validate(dict(data))
+    except ValidationError as err:
+        raise _from_validation(err, schema).with_file(file or "<spec>") from None
+    except SpecError as err:
+        raise err.with_file(file or "<spec>") from None
+
+
+def load_spec(
+    path: str | Path, overrides: Mapping[str, Any] | None = None, schema: type[BaseModel] = Spec
+) -> Any:
+    """Load, merge (``extends``, then ``overrides`` as dotted keys) and validate a spec."""
+    tree = load_yaml_tree(path)
+    if overrides:
+        tree = apply_dotted(tree, overrides)
+    return parse_spec(tree, path, schema)

@@ -1,0 +1,107 @@
+"""Causal multi-head softmax attention with RoPE and optional grouped KV heads.
+
+For a window of new tokens at absolute positions p..p+T-1 and a cache of earlier keys
+and values (already rotated), query i attends to every cached token and to the new
+tokens j <= i:
+
+    o_i = softmax(q_i K^T / sqrt(D)) V,   q_i = RoPE(W_q x_i, p + i),  k_j = RoPE(W_k x_j, .)
+
+RoPE makes scores depend only on relative position, so clearing or trimming the cache
+and continuing the position counter gives the same result as restarting at zero.
+The state is the KV of the tokens still visible: ``evict("hard")`` clears it,
+``evict("sliding", keep)`` keeps the newest ``keep`` tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from archkit.blocks.common import Block, BlockConfig, EvictionPolicy, KVCache
+from archkit.registry import register_block
+
+
+class AttentionConfig(BlockConfig):
+    n_heads: Annotated[int, Field(gt=0, description="default: model.n_heads")]
+    n_kv_heads: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="KV heads for grouped-query attention (default: n_heads)"
+    )
+    head_dim: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="default: d_model // n_heads"
+    )
+    rope_theta: Annotated[float, Field(gt=0)] = 10000.0
+
+    def check(self, d_model: int) -> tuple[str, str] | None:
+        if self.head_dim is None and d_model % self.n_heads:
+            return "n_heads", f"must divide d_model={d_model} (or set head_dim)"
+        if self.n_heads % (self.n_kv_heads or self.n_heads):
+            return "n_kv_heads", f"must divide n_heads={self.n_heads}"
+        if (self.head_dim or d_model // self.n_heads) % 2:
+            return "head_dim", "must be even for RoPE"
+        return None
+
+
+def rotate(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """Apply RoPE to ``x`` [B, H, T, D] at integer ``positions`` [T] (half-split pairs)."""
+    angles = positions[:, None].to(inv_freq.dtype) * inv_freq[None, :]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+@register_block("attention", config=AttentionConfig,
+                description="causal softmax attention with RoPE; KV cache of the window")
+class Attention(Block):
+    def __init__(self, d_model: int, config: AttentionConfig, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads or config.n_heads
+        self.head_dim = config.head_dim or d_model // config.n_heads
+        self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=False)
+        self.kv_proj = nn.Linear(d_model, 2 * self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
+        self.register_buffer("inv_freq", config.rope_theta**-exponents, persistent=False)
+
+    def init_state(self, batch_size: int) -> KVCache:
+        empty = self._param().new_zeros(batch_size, self.n_kv_heads, 0, self.head_dim)
+        return KVCache(empty, empty, pos=0)
+
+    def forward(self, x: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = (
+            self.kv_proj(x)
+            .view(batch, length, 2, self.n_kv_heads, self.head_dim)
+            .permute(2, 0, 3, 1, 4)
+        )
+        positions = torch.arange(state.pos, state.pos + length, device=x.device)
+        q, k = rotate(q, positions, self.inv_freq), rotate(k, positions, self.inv_freq)
+        keys, values = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
+        cached = state.tokens
+        if cached == 0:
+            mask, causal = None, True
+        else:
+            query_pos = torch.arange(length, device=x.device)[:, None] + cached
+            mask, causal = torch.arange(cached + length, device=x.device) <= query_pos, False
+        o = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        y = self.o_proj(o.transpose(1, 2).reshape(batch, length, -1))
+        return y, KVCache(keys, values, state.pos + length)
+
+    def evict(self, state: KVCache, policy: EvictionPolicy, keep: int = 0) -> KVCache:
+        if policy == "hard" or keep == 0:
+            return KVCache(state.k[:, :, :0], state.v[:, :, :0], state.pos)
+        return KVCache(state.k[:, :, -keep:], state.v[:, :, -keep:], state.pos)
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.n_kv_heads * self.head_dim * self._param().element_size()
+
+    def mixing_flops_per_token(self, context: int) -> int:
+        return 4 * self.n_heads * self.head_dim * context

@@ -8,9 +8,11 @@ from torch import nn
 
 from archkit.blocks.common import state_bytes
 from archkit.model import HybridModel
+from archkit.spec import SleepSpec
 
 
-def model_card(model: HybridModel, window: int) -> dict[str, Any]:
+def model_card(model: HybridModel, window: int, sleep: SleepSpec | None = None
+               ) -> dict[str, Any]:
     """Everything ``archkit build`` reports, as plain JSON-ready values.
 
     ``window`` is the attention window L: the KV bound and the attention FLOPs assume a
@@ -38,6 +40,22 @@ def model_card(model: HybridModel, window: int) -> dict[str, Any]:
     )
     kv_per_token = sum(layer["kv_bytes_per_token"] for layer in layers)
     fast_weight_bytes = sum(layer["fast_weight_bytes"] for layer in layers)
+    sleep_card = None
+    if sleep is not None:
+        loop = sleep.loop_range(len(layers))
+        per_token = [
+            2 * sum(m.weight.numel() for m in model.layers[i].modules()
+                    if isinstance(m, (nn.Linear, nn.Conv1d)))
+            + layers[i]["mixing_flops_per_token"] for i in loop
+        ]
+        sleep_card = {
+            "controller": sleep.controller,
+            "options": sleep.controller_config.model_dump(),
+            "window": sleep.window,
+            "eviction": sleep.eviction,
+            "loop_layers": list(loop),
+            "flops_per_pass": sum(per_token) * sleep.window,
+        }
     return {
         "params": params,
         "embedding_params": embedding,
@@ -50,6 +68,7 @@ def model_card(model: HybridModel, window: int) -> dict[str, Any]:
         "state_bytes_per_sequence": fast_weight_bytes + kv_per_token * window,
         "flops_per_token": 2 * matmul_params
         + sum(layer["mixing_flops_per_token"] for layer in layers),
+        "sleep": sleep_card,
     }
 
 

@@ -22,6 +22,7 @@ from archkit.registry import REGISTRIES, RegistryError
 from archkit.spec import SpecError, load_spec
 
 USAGE_ERROR = 2
+DEFAULT_WINDOW = 1024
 console = Console(width=None if sys.stdout.isatty() else 120)
 
 
@@ -43,7 +44,8 @@ def cmd_build(args: argparse.Namespace) -> None:
 
     spec = load_spec(args.spec, parse_overrides(args.set))
     model = HybridModel(spec.model)
-    card = model_card(model, args.window)
+    window = args.window or (spec.sleep.window if spec.sleep else DEFAULT_WINDOW)
+    card = model_card(model, window, spec.sleep)
     if args.json:
         print(json.dumps({"name": spec.name, **card}, indent=2))
         return
@@ -66,6 +68,17 @@ def cmd_build(args: argparse.Namespace) -> None:
         f"KV cache          {_bytes(card['kv_bytes_per_token'])} per token, at most "
         f"{_bytes(card['kv_bytes_window'])} for a window of L={card['window']}\n"
         f"FLOPs per token   {card['flops_per_token'] / 1e6:.2f} M (window L={card['window']})"
+    )
+    sleep = card["sleep"]
+    if sleep is None:
+        console.print(f"sleep             none in the spec (L={window} assumed above)")
+        return
+    loop = sleep["loop_layers"]
+    console.print(
+        f"sleep             {sleep['controller']} {sleep['options']}, {sleep['eviction']} "
+        f"eviction, layers {loop[0]}..{loop[-1]} loop\n"
+        f"sleep cost        {sleep['flops_per_pass'] / 1e6:.2f} MFLOP per looping pass over "
+        f"a full window; wake reads each token in one pass whatever N"
     )
 
 
@@ -128,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     build = commands.add_parser("build", help="validate a spec, build the model, print its card")
     build.add_argument("spec", help="a model spec YAML file")
     build.add_argument("--json", action="store_true", help="print the card as one JSON object")
-    build.add_argument("--window", type=_positive_int, default=1024,
-                       help="attention window L for the KV bound and FLOPs (default 1024)")
+    build.add_argument("--window", type=_positive_int, default=None,
+                       help=f"attention window L for the KV bound and FLOPs (default: the "
+                            f"spec's sleep.window, else {DEFAULT_WINDOW})")
     build.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a dotted spec key (repeatable)")
     build.set_defaults(run=cmd_build)

@@ -103,7 +103,8 @@ class HybridModel(nn.Module):
         return self.logits(h), state
 
     def evict(self, state: ModelState, policy: EvictionPolicy, keep: int = 0) -> ModelState:
-        return [layer.mixer.evict(s, policy, keep) for layer, s in zip(self.layers, state, strict=True)]
+        pairs = zip(self.layers, state, strict=True)
+        return [layer.mixer.evict(s, policy, keep) for layer, s in pairs]
 
 
 def _init_weights(module: nn.Module) -> None:

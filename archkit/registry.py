@@ -25,7 +25,9 @@ from pydantic import BaseModel, ConfigDict
 T = TypeVar("T")
 
 PLUGIN_GROUP = "archkit.plugins"
-BUILTIN_MODULES = ("archkit.kernels", "archkit.blocks", "archkit.sleep", "archkit.tasks")
+BUILTIN_MODULES = (
+    "archkit.kernels", "archkit.blocks", "archkit.sleep_controllers", "archkit.tasks"
+)
 
 
 class RegistryError(LookupError):

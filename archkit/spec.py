@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from archkit.registry import BLOCKS, RegistryError
+from archkit.registry import BLOCKS, RULES, SLEEP_CONTROLLERS, RegistryError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -96,10 +96,69 @@ class ModelSpec(StrictModel):
         return self._layers
 
 
+class SleepSpec(StrictModel):
+    """How the model sleeps: windows, eviction, which layers loop, and the controller.
+
+    The controller's own options (e.g. ``tol`` for ``adaptive``) sit beside these keys
+    and are validated by the controller's registered config model.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    controller: str = Field("fixed", description="registered sleep controller")
+    window: PositiveInt = Field(description="L: tokens per window before eviction")
+    passes: PositiveInt = Field(1, description="N: passes per window (the controller may vary it)")
+    eviction: Literal["hard", "sliding"] = "hard"
+    layers: Literal["all"] | tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] = (
+        Field("all", description="layers that loop while asleep: all, or [first, last]")
+    )
+    rule: str = Field("same", description="local update rule of fast-weight blocks asleep")
+    backprop: Literal["full", "last_k", "none"] = "full"
+    last_k: PositiveInt = Field(1, description="passes that get gradient with last_k")
+    checkpoint: bool = Field(False, description="recompute each pass in the backward pass")
+    _controller: BaseModel | None = PrivateAttr(None)
+
+    def model_post_init(self, _context: Any) -> None:
+        try:
+            entry = SLEEP_CONTROLLERS.get(self.controller)
+        except RegistryError as err:
+            raise SpecError("sleep.controller", str(err), self.controller) from None
+        try:
+            self._controller = entry.config.model_validate(self.model_extra or {})
+        except ValidationError as err:
+            problem = _from_validation(err, entry.config, "sleep")
+            if problem.expected.startswith("unknown key"):
+                allowed = sorted({*type(self).model_fields, *entry.config.model_fields})
+                problem = SpecError(problem.path, f"unknown key for controller "
+                                    f"{self.controller!r}; allowed: {', '.join(allowed)}")
+            raise problem from None
+        if self.rule != "same" and self.rule not in RULES:
+            raise SpecError("sleep.rule", RULES.unknown_message(self.rule), self.rule)
+        if self.layers != "all" and self.layers[0] > self.layers[1]:
+            raise SpecError("sleep.layers", "[first, last] with first <= last", self.layers)
+
+    @property
+    def controller_config(self) -> BaseModel:
+        assert self._controller is not None
+        return self._controller
+
+    def loop_range(self, n_layers: int) -> range:
+        return range(n_layers) if self.layers == "all" else range(self.layers[0],
+                                                                  self.layers[1] + 1)
+
+
 class Spec(StrictModel):
     name: str
     seed: int = 0
     model: ModelSpec
+    sleep: SleepSpec | None = None
+
+    def model_post_init(self, _context: Any) -> None:
+        n_layers = len(self.model.resolved_layers)
+        if self.sleep is not None and self.sleep.layers != "all" and \
+                self.sleep.layers[1] >= n_layers:
+            raise SpecError("sleep.layers", f"layer indices within 0..{n_layers - 1}",
+                            list(self.sleep.layers))
 
 
 def _entry(where: str, item: str | LayerEntry) -> tuple[str, LayerEntry]:

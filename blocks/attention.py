@@ -9,7 +9,9 @@ tokens j <= i:
 RoPE makes scores depend only on relative position, so clearing or trimming the cache
 and continuing the position counter gives the same result as restarting at zero.
 The state is the KV of the tokens still visible: ``evict("hard")`` clears it,
-``evict("sliding", keep)`` keeps the newest ``keep`` tokens.
+``evict("sliding", keep)`` keeps the newest ``keep`` tokens and from then on limits every
+query to the ``keep + 1`` newest tokens (itself included), so windows of any length fed
+after a sliding eviction compute exactly sliding-window attention of span ``keep + 1``.
 """
 
 from __future__ import annotations
@@ -83,22 +85,28 @@ class Attention(Block):
         q, k = rotate(q, positions, self.inv_freq), rotate(k, positions, self.inv_freq)
         keys, values = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
         cached = state.tokens
-        if cached == 0:
+        if cached == 0 and state.span is None:
             mask, causal = None, True
         else:
-            query_pos = torch.arange(length, device=x.device)[:, None] + cached
-            mask, causal = torch.arange(cached + length, device=x.device) <= query_pos, False
+            query = torch.arange(length, device=x.device)[:, None] + cached
+            key = torch.arange(cached + length, device=x.device)
+            mask, causal = key <= query, False
+            if state.span is not None:
+                mask = mask & (key > query - state.span)
         o = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, is_causal=causal,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         y = self.o_proj(o.transpose(1, 2).reshape(batch, length, -1))
-        return y, KVCache(keys, values, state.pos + length)
+        return y, KVCache(keys, values, state.pos + length, state.span)
 
     def evict(self, state: KVCache, policy: EvictionPolicy, keep: int = 0) -> KVCache:
         if policy == "hard" or keep == 0:
-            return KVCache(state.k[:, :, :0], state.v[:, :, :0], state.pos)
-        return KVCache(state.k[:, :, -keep:], state.v[:, :, -keep:], state.pos)
+            return KVCache(state.k[:, :, :0], state.v[:, :, :0], state.pos, state.span)
+        return KVCache(state.k[:, :, -keep:], state.v[:, :, -keep:], state.pos, keep + 1)
+
+    def rewind(self, before: KVCache, after: KVCache) -> KVCache:
+        return before
 
     def kv_bytes_per_token(self) -> int:
         return 2 * self.n_kv_heads * self.head_dim * self._param().element_size()

@@ -38,6 +38,7 @@ class KVCache:
     k: Tensor  # [B, H_kv, T_cached, D]
     v: Tensor
     pos: int  # absolute position of the next token
+    span: int | None = None  # most tokens a query may see, itself included (None: all)
 
     @property
     def tokens(self) -> int:
@@ -92,6 +93,14 @@ class Block(nn.Module):
 
     def evict(self, state: Any, policy: EvictionPolicy, keep: int = 0) -> Any:
         return state
+
+    def rewind(self, before: Any, after: Any) -> Any:
+        """Local context as in ``before``, persistent memory as in ``after``.
+
+        Running a window again from this state re-reads the window with what was
+        learnt from it, as if the window had not been seen by the local context.
+        """
+        return after
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of cache each token seen adds to the state (0 for fixed-size states)."""
@@ -157,6 +166,9 @@ class FastWeightBlock(Block):
         if policy == "sliding":
             return state
         return FastWeightState(state.weights, torch.zeros_like(state.conv_tail))
+
+    def rewind(self, before: FastWeightState, after: FastWeightState) -> FastWeightState:
+        return FastWeightState(after.weights, before.conv_tail)
 
     def time_step(self, logit: Tensor) -> Tensor:
         """Mamba's discretisation step dt = softplus(logit + dt_bias) > 0, per head."""

@@ -137,15 +137,17 @@ def belongs(content: np.ndarray, split: Split) -> bool:
 def draw_in_split(
     split: Split,
     n: int,
-    draw: Callable[[int], Sequence[Item]],
+    draw: Callable[[], Item],
     content: Callable[[Item], np.ndarray] = np.asarray,
 ) -> list[Item]:
-    """``n`` items from ``draw(m) -> m items`` whose content belongs to ``split``."""
-    # Only one content in HELDOUT_EVERY is eval's: draw that many more to finish in a round.
-    surplus = HELDOUT_EVERY if split == "eval" else 2
+    """``n`` items from ``draw()`` whose content belongs to ``split``, in draw order."""
     kept: list[Item] = []
     for _ in range(MAX_DRAW_ROUNDS):
-        kept += [item for item in draw(surplus * (n - len(kept))) if belongs(content(item), split)]
+        missing = n - len(kept)
+        # One content in HELDOUT_EVERY is eval's: draw enough to finish in about one round.
+        count = missing * HELDOUT_EVERY if split == "eval" else missing + missing // 8
+        drawn = [draw() for _ in range(count)]
+        kept += [item for item in drawn if belongs(content(item), split)]
         if len(kept) >= n:
             return kept[:n]
     raise RuntimeError(
@@ -221,10 +223,11 @@ class Task(ABC):
         """The evaluation set of a run seeded ``seed``; it shares no content with training."""
         return self.sample(n, np.random.SeedSequence(seed, spawn_key=(1,)), "eval")
 
+    def token_strings(self, ids: Sequence[int] | torch.Tensor) -> list[str]:
+        return [self.vocab[i] for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return self.separator.join(self.vocab[i] for i in ids)
+        return self.separator.join(self.token_strings(ids))
 
     def score(self, predictions: torch.Tensor, batch: TaskBatch) -> Score:
         """Exact match per example (every answer token right) and per answer token, overall
@@ -271,9 +274,10 @@ class Task(ABC):
         ]
         for i, row in enumerate(batch.tokens.tolist()):
             answers = batch.loss_mask[i].tolist()
+            start = self.context_len
             prediction = [
                 f"[{self.vocab[t]}]" if answer else self.vocab[t]
-                for t, answer in zip(row[self.context_len :], answers[self.context_len :])
+                for t, answer in zip(row[start:], answers[start:], strict=True)
                 if t != self.pad_id
             ]
             lines += [

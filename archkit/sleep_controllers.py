@@ -1,0 +1,115 @@
+"""Sleep controllers decide how many consolidation passes each window gets.
+
+- ``fixed``: N = ``sleep.passes`` for every window (the paper).
+- ``schedule``: a list of N, by window index from the first context window
+  (``order: first``) or from the last one, nearest the question (``order: last``).
+  Sleeps during decoding, after the context, count as the nearest (depth 0).
+- ``adaptive``: at inference, passes repeat until every fast-weight state changes by less
+  than ``tol`` (relative Frobenius norm) or ``max_passes`` is reached; training runs
+  N = ``sleep.passes``, or one N drawn per window from ``train_passes``. Beyond the paper:
+  a model trained at N may behave differently at the N it stops at, so compare against
+  fixed N.
+
+A controller sees only pass counts and fast-weight tensors, never the model.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from archkit.registry import SLEEP_CONTROLLERS, register_sleep
+from archkit.spec import SleepSpec
+
+Passes = Annotated[int, Field(gt=0)]
+
+
+class ControllerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SleepController:
+    def __init__(self, sleep: SleepSpec) -> None:
+        self.config = sleep.controller_config
+        self.n = sleep.passes
+
+    def passes(self, index: int, n_windows: int, training: bool) -> int:
+        """Most passes for context window ``index`` of ``n_windows`` (index >= n_windows:
+        a sleep while decoding)."""
+        raise NotImplementedError
+
+    def converged(self, before: list[Tensor], after: list[Tensor], passes: int,
+                  training: bool) -> bool:
+        return False
+
+
+@register_sleep("fixed", config=ControllerConfig, description="N passes for every window")
+class Fixed(SleepController):
+    def passes(self, index: int, n_windows: int, training: bool) -> int:
+        return self.n
+
+
+class ScheduleConfig(ControllerConfig):
+    schedule: list[Passes] = Field(min_length=1, description="N per window; the last repeats")
+    order: Literal["first", "last"] = Field(
+        "first", description="count windows from the first, or from the newest (depth)")
+
+
+@register_sleep("schedule", config=ScheduleConfig, description="N per window index or depth")
+class Schedule(SleepController):
+    config: ScheduleConfig
+
+    def passes(self, index: int, n_windows: int, training: bool) -> int:
+        if self.config.order == "last":
+            index = max(0, n_windows - 1 - index)
+        return self.config.schedule[min(index, len(self.config.schedule) - 1)]
+
+
+class AdaptiveConfig(ControllerConfig):
+    tol: Annotated[float, Field(gt=0)] = Field(1e-3, description="relative change to stop at")
+    min_passes: Passes = 1
+    max_passes: Passes = 8
+    train_passes: list[Passes] | None = Field(
+        None, description="N while training, drawn per window (default: sleep.passes)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AdaptiveConfig:
+        if self.min_passes > self.max_passes:
+            raise ValueError("min_passes must not exceed max_passes")
+        return self
+
+
+@register_sleep("adaptive", config=AdaptiveConfig,
+                description="passes until fast weights converge (inference), fixed N training")
+class Adaptive(SleepController):
+    config: AdaptiveConfig
+
+    def passes(self, index: int, n_windows: int, training: bool) -> int:
+        if not training:
+            return self.config.max_passes
+        choices = self.config.train_passes
+        if choices is None:
+            return self.n
+        return choices[int(torch.randint(len(choices), ()).item())]
+
+    def converged(self, before: list[Tensor], after: list[Tensor], passes: int,
+                  training: bool) -> bool:
+        if training or passes < self.config.min_passes or not after:
+            return False
+        change = max(relative_change(b, a) for b, a in zip(before, after, strict=True))
+        return change < self.config.tol
+
+
+def relative_change(before: Tensor, after: Tensor) -> float:
+    """Largest per-sequence ``|after - before| / |before|`` (Frobenius, over all heads)."""
+    before, after = before.detach(), after.detach()
+    diff = (after - before).flatten(1).norm(dim=1)
+    base = before.flatten(1).norm(dim=1)
+    return float((diff / base.clamp_min(torch.finfo(base.dtype).tiny)).max())
+
+
+def make_controller(sleep: SleepSpec) -> SleepController:
+    return SLEEP_CONTROLLERS.get(sleep.controller).obj(sleep)

@@ -1,0 +1,244 @@
+"""The sleep runtime against explicit constructions, in float64."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from archkit.blocks.common import FastWeightState, KVCache
+from archkit.model import HybridModel
+from archkit.sleep import SleepingModel
+from archkit.spec import SpecError, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+L = 5
+
+
+def build(tied: bool = True, spec: str = "mixed", **sleep: Any) -> SleepingModel:
+    overrides = {"model.dtype": "float64", "model.tie_embeddings": tied, "sleep.window": L,
+                 **{f"sleep.{k}": v for k, v in sleep.items()}}
+    spec = load_spec(ROOT / f"specs/tiny/{spec}.yaml", overrides=overrides)
+    torch.manual_seed(0)
+    return SleepingModel(HybridModel(spec.model), spec.sleep)
+
+
+def batch(total: int = 23, context: int = 12) -> tuple[torch.Tensor, torch.Tensor, int]:
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 16, (2, total), generator=gen)
+    mask = torch.zeros(2, total, dtype=torch.bool)
+    mask[:, context + 3:] = True
+    return tokens, mask, context
+
+
+def windows(start: int, stop: int) -> list[tuple[int, int]]:
+    return [(s, min(s + L, stop)) for s in range(start, stop, L)]
+
+
+def masked_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, context: int
+                ) -> torch.Tensor:
+    m = mask[:, context + 1:]
+    return torch.nn.functional.cross_entropy(logits[:, :-1][m], tokens[:, context + 1:][m])
+
+
+def test_one_pass_hard_eviction_is_the_plain_model_window_by_window() -> None:
+    sleeper = build(passes=1)
+    model, (tokens, mask, context) = sleeper.model, batch()
+    out = sleeper(tokens, context, mask)
+    state, pieces = model.init_state(2), []
+    for a, b in windows(0, context):
+        _, state = model(tokens[:, a:b], state)
+        state = model.evict(state, "hard")
+    for i, (a, b) in enumerate(windows(context, tokens.shape[1])):
+        if i:
+            state = model.evict(state, "hard")
+        logits, state = model(tokens[:, a:b], state)
+        pieces.append(logits)
+    expected = torch.cat(pieces, dim=1)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.loss, masked_loss(expected, tokens, mask, context))
+    assert out.report.passes == [1] * 5
+
+
+def test_one_pass_sliding_eviction_is_sliding_window_attention() -> None:
+    sleeper = build(passes=1, eviction="sliding")
+    model, (tokens, mask, context) = sleeper.model, batch()
+    out = sleeper(tokens, context, mask)
+    banded = [dataclasses.replace(s, span=L) if isinstance(s, KVCache) else s
+              for s in model.init_state(2)]
+    direct, _ = model(tokens, banded)  # the whole sequence at once, each query sees L tokens
+    torch.testing.assert_close(out.logits, direct[:, context:], rtol=1e-10, atol=1e-12)
+    assert out.report.peak_kv_tokens <= 2 * L - 1
+
+
+def test_two_passes_equal_two_manual_passes() -> None:
+    sleeper = build(passes=2)
+    model, (tokens, mask, context) = sleeper.model, batch()
+    out = sleeper(tokens, context, mask)
+
+    def sleep_on(window: torch.Tensor, state: list[Any]) -> list[Any]:
+        h, after = model.run_layers(model.embed(window), state)
+        rewound = []
+        for before_i, after_i in zip(state, after, strict=True):
+            if isinstance(after_i, FastWeightState):  # keep S, re-read the conv context
+                rewound.append(FastWeightState(after_i.weights, before_i.conv_tail))
+            else:  # attention rebuilds its KV from the new h
+                rewound.append(before_i)
+        _, after = model.run_layers(h, rewound)
+        return model.evict(after, "hard")
+
+    state, pieces = model.init_state(2), []
+    for a, b in windows(0, context):
+        state = sleep_on(tokens[:, a:b], state)
+    for i, (a, b) in enumerate(windows(context, tokens.shape[1])):
+        if i:
+            state = sleep_on(tokens[:, a - L:a], start)
+        start = state
+        logits, state = model(tokens[:, a:b], state)
+        pieces.append(logits)
+    torch.testing.assert_close(out.logits, torch.cat(pieces, 1), rtol=1e-10, atol=1e-12)
+
+
+def test_only_the_configured_layers_loop() -> None:
+    sleeper = build(passes=3, layers=[1, 2])
+    calls: Counter[int] = Counter()
+    for i, layer in enumerate(sleeper.model.layers):
+        layer.register_forward_hook(lambda *_, i=i: calls.update([i]))
+    tokens, _, _ = batch(total=16, context=15)
+    sleeper(tokens, 15)
+    # 3 context windows: layers 1-2 run 3 times each, the others once; plus 1 wake pass.
+    assert calls == {0: 3 + 1, 1: 9 + 1, 2: 9 + 1, 3: 3 + 1, 4: 3 + 1}
+
+
+def test_memory_stays_bounded_and_fast_weights_change() -> None:
+    sleeper = build(passes=2)
+    tokens = torch.randint(0, 16, (2, 10 * L + 3))
+    out = sleeper(tokens, 10 * L)
+    assert out.report.sleeps == 10
+    assert out.report.peak_kv_tokens <= L
+    assert max(s.tokens for s in out.state if isinstance(s, KVCache)) == 3
+    fresh = sleeper.model.init_state(2)
+    for now, start in zip(out.state, fresh, strict=True):
+        if isinstance(now, FastWeightState):
+            assert not torch.allclose(now.weights, start.weights)
+    assert out.report.fast_weight_bytes > 0
+
+
+def first_window_embedding_grad(sleeper: SleepingModel) -> torch.Tensor:
+    tokens = torch.randint(1, 16, (2, 3 * L + 4))
+    tokens[:, 0] = 0  # token 0 appears only in the first context window (embeddings untied)
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, -2:] = True
+    sleeper.zero_grad()
+    sleeper(tokens, 3 * L, mask).loss.backward()
+    return sleeper.model.embedding.weight.grad[0]
+
+
+@pytest.mark.parametrize("passes", [1, 4])
+def test_gradient_reaches_the_first_context_window(passes: int) -> None:
+    assert first_window_embedding_grad(build(False, passes=passes)).abs().sum() > 0
+
+
+def test_last_k_truncates_earlier_passes_and_none_cuts_sleep() -> None:
+    truncated = build(False, passes=4, backprop="last_k", last_k=1)
+    assert first_window_embedding_grad(truncated).abs().sum() == 0
+    assert truncated.model.layers[1].mixer.qkv_proj.weight.grad.abs().sum() > 0
+    whole = build(False, passes=2, backprop="last_k", last_k=2)
+    assert first_window_embedding_grad(whole).abs().sum() > 0
+    assert first_window_embedding_grad(build(False, passes=2, backprop="none")).abs().sum() == 0
+
+
+def test_checkpointing_gives_the_same_gradients() -> None:
+    grads = []
+    for flag in (False, True):
+        sleeper = build(passes=2, checkpoint=flag)
+        tokens, mask, context = batch()
+        sleeper(tokens, context, mask).loss.backward()
+        grads.append([p.grad.clone() for p in sleeper.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_adaptive_stops_early_when_fast_weights_converge() -> None:
+    # Delta-rule memory re-reading the same window converges to a fixed point (Hebbian
+    # memory with decay near 1 would keep growing); with no layer writing to the residual
+    # stream, every pass reads the same h.
+    sleeper = build(spec="gated_delta", controller="adaptive", max_passes=40, tol=1e-4).eval()
+    with torch.no_grad():
+        for name, param in sleeper.model.named_parameters():
+            if name.endswith(("o_proj.weight", "out_proj.weight", "down.weight")):
+                param.zero_()
+    tokens, _, context = batch()
+    used = sleeper(tokens, context).report.passes
+    assert all(1 < n < 40 for n in used), used
+    strict = build(controller="adaptive", max_passes=6, tol=1e-300).eval()
+    assert strict(tokens, context).report.passes == [6] * 5
+
+
+def test_adaptive_trains_at_fixed_passes() -> None:
+    sleeper = build(controller="adaptive", max_passes=8, passes=3).train()
+    tokens, _, context = batch()
+    assert sleeper(tokens, context).report.passes == [3] * 5
+    torch.manual_seed(0)
+    drawn = build(controller="adaptive", train_passes=[1, 2]).train()
+    assert set(drawn(tokens, context).report.passes) == {1, 2}
+
+
+def test_schedule_by_window_and_by_depth() -> None:
+    tokens, _, context = batch(total=16, context=15)
+    first = build(controller="schedule", schedule=[3, 1])
+    assert first(tokens, context).report.passes == [3, 1, 1]
+    last = build(controller="schedule", schedule=[3, 2], order="last")
+    assert last(tokens, context).report.passes == [2, 2, 3]
+
+
+def test_sleep_rule_override_equals_a_block_with_that_rule() -> None:
+    tokens, _, context = batch(total=16, context=15)
+    swapped = build(passes=2, rule="delta")
+    native = build(passes=2)
+    for layer in native.model.layers:
+        if layer.block_name in ("gated_delta", "hebbian", "mamba2"):
+            layer.mixer.rule = "delta"
+    wake = build(passes=2)
+    slept = [m.init_wake(tokens[:, :context]).layers for m in (swapped, native, wake)]
+    for a, b, c in zip(*slept, strict=True):
+        if isinstance(a, FastWeightState):
+            torch.testing.assert_close(a.weights, b.weights, rtol=1e-10, atol=1e-12)
+            assert not torch.allclose(a.weights, c.weights)
+    assert swapped.model.layers[1].mixer.rule == "gated_delta"  # restored after sleeping
+
+
+def test_generate_equals_teacher_forced_logits() -> None:
+    sleeper = build(passes=2).eval()
+    tokens, _, context = batch(total=14, context=12)
+    new, logits, report = sleeper.generate(tokens, context, max_new_tokens=9)
+    full = torch.cat([tokens, new], dim=1)
+    with torch.no_grad():
+        forced = sleeper(full, context).logits
+    # the logits that chose token j sit at prompt position 13 + j
+    torch.testing.assert_close(logits, forced[:, 1:1 + 9], rtol=1e-9, atol=1e-10)
+    assert report.sleeps == 3 + 2 and report.peak_kv_tokens <= L
+
+
+def test_bad_sleep_sections(tmp_path: Path) -> None:
+    cases = {
+        "sleep.passes": ({"sleep.window": 4, "sleep.passes": 0}, "greater than 0"),
+        "sleep.controller": ({"sleep.window": 4, "sleep.controller": "nap"}, "registered:"),
+        "sleep.tol": ({"sleep.window": 4, "sleep.tol": 1}, "unknown key for controller"),
+        "sleep.layers": ({"sleep.window": 4, "sleep.layers": [2, 9]}, "within 0..4"),
+        "sleep.rule": ({"sleep.window": 4, "sleep.rule": "hebb"}, "unknown rule"),
+        "sleep.window": ({"sleep.window": 0}, "greater than 0"),
+    }
+    for path, (overrides, fragment) in cases.items():
+        with pytest.raises(SpecError) as caught:
+            load_spec(ROOT / "specs/tiny/mixed.yaml", overrides=overrides)
+        assert caught.value.path == path and fragment in str(caught.value), str(caught.value)
+    (tmp_path / "s.yaml").write_text((ROOT / "specs/tiny/attention.yaml").read_text()
+                                     .replace("  window: 8\n", ""))
+    with pytest.raises(SpecError, match="required field is missing") as caught:
+        load_spec(tmp_path / "s.yaml")
+    assert caught.value.path == "sleep.window"

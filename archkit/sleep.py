@@ -108,7 +108,6 @@ class SleepingModel(nn.Module):
             report.peak_kv_tokens = max(report.peak_kv_tokens, kv_tokens(state))
             pieces.append(logits)
         logits = torch.cat(pieces, dim=1)
-        report.fast_weight_bytes = fast_weight_bytes(state)
         loss = None
         if loss_mask is not None:
             if loss_mask[:, : context_len + 1].any():
@@ -143,6 +142,7 @@ class SleepingModel(nn.Module):
             h, state = model.run_layers(h, state, self.post)
         report.passes.append(passes)
         report.peak_kv_tokens = max(report.peak_kv_tokens, kv_tokens(state))
+        report.fast_weight_bytes = fast_weight_bytes(state)
         keep = self.window - 1 if sleep.eviction == "sliding" else 0
         return model.evict(state, sleep.eviction, keep)
 
@@ -189,7 +189,6 @@ class SleepingModel(nn.Module):
             tokens = tokens[:, :0]
         logits, layers = self.model.step(token, layers)
         wake.report.peak_kv_tokens = max(wake.report.peak_kv_tokens, kv_tokens(layers))
-        wake.report.fast_weight_bytes = fast_weight_bytes(layers)
         tokens = torch.cat([tokens, token[:, None]], dim=1)
         return logits, dataclasses.replace(wake, layers=layers, window_start=start,
                                            window_tokens=tokens)

@@ -148,9 +148,8 @@ class GsmInfiniteConfig(TaskConfig):
     def _fits(self) -> GsmInfiniteConfig:
         most_ops, longest = self.ops[1], self.context_tokens[1]
         # A tree with k ops has at most 2k + 1 statements: each op adds one or two operands.
-        needed = len(WORDS.findall(render_question(0, self.rendering))) + (
-            2 * most_ops + 1
-        ) * longest_statement(self.rendering, self.max_value)
+        question = len(WORDS.findall(render_question(0, self.rendering)))
+        needed = question + (2 * most_ops + 1) * longest_statement(self.rendering, self.max_value)
         if longest < needed:
             raise SpecError(
                 "task.context_tokens",
@@ -200,12 +199,11 @@ class GsmInfinite(Task):
         else:
             people = PEOPLE[: min(config.names, len(PEOPLE))]
             names = [*people, *ITEMS[: math.ceil(config.names / len(PEOPLE))]]
-        self.answer_width = len(str(config.max_value)) + 1  # digits, then <eos>
         super().__init__(
             config,
             vocab=[*SPECIALS, *sorted(words), *"0123456789", *names],
             context_len=config.context_tokens[1],
-            seq_len=config.context_tokens[1] + 2 + self.answer_width,
+            seq_len=config.context_tokens[1] + 3 + len(str(config.max_value)),  # answer : d <eos>
             difficulties=range(config.ops[0], config.ops[1] + 1),
             pad="<pad>",
         )

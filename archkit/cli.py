@@ -93,6 +93,13 @@ def cmd_blocks(args: argparse.Namespace) -> None:
         console.print(table)
 
 
+def cmd_tasks_show(args: argparse.Namespace) -> None:
+    from archkit.tasks import show
+
+    overrides = parse_overrides(args.set)
+    print(show(args.name, n=args.n, seed=args.seed, preset=args.preset, **overrides))
+
+
 def _fields(config: type[BaseModel]) -> str:
     lines = []
     for name, field in config.model_fields.items():
@@ -150,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     blocks = commands.add_parser("blocks", help="list registered blocks, rules, controllers, tasks")
     blocks.set_defaults(run=cmd_blocks)
+
+    tasks = commands.add_parser("tasks", help="look at the tasks").add_subparsers(
+        dest="tasks_command", required=True, metavar="ACTION")
+    show = tasks.add_parser("show", help="print decoded examples with answers and difficulty")
+    show.add_argument("name", help="a registered task (see `archkit blocks`)")
+    show.add_argument("--preset", choices=["cpu", "paper"], default="cpu")
+    show.add_argument("-n", type=_positive_int, default=3, help="examples (default 3)")
+    show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="override a task field, e.g. steps=8 (repeatable)")
+    show.set_defaults(run=cmd_tasks_show)
     return parser
 
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from archkit.registry import BLOCKS, RULES, SLEEP_CONTROLLERS, RegistryError
+from archkit.registry import BLOCKS, RULES, SLEEP_CONTROLLERS, TASKS, Registry, RegistryError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -119,19 +119,7 @@ class SleepSpec(StrictModel):
     _controller: BaseModel | None = PrivateAttr(None)
 
     def model_post_init(self, _context: Any) -> None:
-        try:
-            entry = SLEEP_CONTROLLERS.get(self.controller)
-        except RegistryError as err:
-            raise SpecError("sleep.controller", str(err), self.controller) from None
-        try:
-            self._controller = entry.config.model_validate(self.model_extra or {})
-        except ValidationError as err:
-            problem = _from_validation(err, entry.config, "sleep")
-            if problem.expected.startswith("unknown key"):
-                allowed = sorted({*type(self).model_fields, *entry.config.model_fields})
-                problem = SpecError(problem.path, f"unknown key for controller "
-                                    f"{self.controller!r}; allowed: {', '.join(allowed)}")
-            raise problem from None
+        self._controller = _plugin_config(self, SLEEP_CONTROLLERS, "sleep", "controller")
         if self.rule != "same" and self.rule not in RULES:
             raise SpecError("sleep.rule", RULES.unknown_message(self.rule), self.rule)
         if self.layers != "all" and self.layers[0] > self.layers[1]:
@@ -147,13 +135,57 @@ class SleepSpec(StrictModel):
                                                                   self.layers[1] + 1)
 
 
+class TaskSpec(StrictModel):
+    """A registered task by ``name``; every other key is validated by the task's config
+    model (``preset: paper | cpu`` fills the keys left out)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = Field(description="registered task")
+    _config: BaseModel | None = PrivateAttr(None)
+
+    def model_post_init(self, _context: Any) -> None:
+        self._config = _plugin_config(self, TASKS, "task", "name")
+
+    @property
+    def config(self) -> BaseModel:
+        assert self._config is not None
+        return self._config
+
+
+def _plugin_config(section: BaseModel, registry: Registry, prefix: str, key: str
+                   ) -> BaseModel:
+    """Validate the extra keys of ``section`` with the config model of the registry entry
+    it names in ``key`` (a sleep controller, a task)."""
+    name = getattr(section, key)
+    try:
+        entry = registry.get(name)
+    except RegistryError as err:
+        raise SpecError(f"{prefix}.{key}", str(err), name) from None
+    try:
+        return entry.config.model_validate(section.model_extra or {})
+    except ValidationError as err:
+        problem = from_validation_error(err, entry.config, prefix)
+        if problem.expected.startswith("unknown key"):
+            allowed = sorted({*type(section).model_fields, *entry.config.model_fields})
+            problem = SpecError(problem.path, f"unknown key for {registry.kind} {name!r}; "
+                                f"allowed: {', '.join(allowed)}")
+        raise problem from None
+
+
 class Spec(StrictModel):
     name: str
     seed: int = 0
     model: ModelSpec
     sleep: SleepSpec | None = None
+    task: TaskSpec | None = None
 
     def model_post_init(self, _context: Any) -> None:
+        if self.task is not None:
+            vocab = TASKS.get(self.task.name).obj(self.task.config).vocab_size
+            if self.model.vocab_size < vocab:
+                raise SpecError("model.vocab_size", f"at least the vocabulary of task "
+                                f"{self.task.name!r} ({vocab} tokens)", self.model.vocab_size)
         n_layers = len(self.model.resolved_layers)
         if self.sleep is not None and self.sleep.layers != "all" and \
                 self.sleep.layers[1] >= n_layers:
@@ -216,7 +248,7 @@ def _layer_spec(model: ModelSpec, where: str, entry: LayerEntry) -> LayerSpec:
     try:
         config = config_model.model_validate(raw)
     except ValidationError as err:
-        problem = _from_validation(err, config_model)
+        problem = from_validation_error(err, config_model)
         raise SpecError(field_path(problem.path), problem.expected, problem.value) from None
     check = getattr(config, "check", None)
     problem = check(model.d_model) if check is not None else None
@@ -226,7 +258,9 @@ def _layer_spec(model: ModelSpec, where: str, entry: LayerEntry) -> LayerSpec:
     return LayerSpec(block=entry.block, config=config, mlp=entry.mlp)
 
 
-def _from_validation(err: ValidationError, root: type[BaseModel], prefix: str = "") -> SpecError:
+def from_validation_error(err: ValidationError, root: type[BaseModel], prefix: str = ""
+                          ) -> SpecError:
+    """The first pydantic error as a SpecError with a dotted path (under ``prefix``)."""
     first = err.errors()[0]
     loc = [str(p) if isinstance(p, str) else f"[{p}]" for p in first["loc"]]
     path = ".".join(filter(None, [prefix, *loc])).replace(".[", "[")
@@ -328,7 +362,7 @@ def parse_spec(
     try:
         return schema.model_validate(dict(data))
     except ValidationError as err:
-        raise _from_validation(err, schema).with_file(file or "<spec>") from None
+        raise from_validation_error(err, schema).with_file(file or "<spec>") from None
     except SpecError as err:
         raise err.with_file(file or "<spec>") from None
 

@@ -109,6 +109,23 @@ def test_pattern_and_list_validate_to_the_same_layers(tmp_path: Path) -> None:
     assert by_pattern[1].config.n_heads == 2  # inherited from model.n_heads
 
 
+def test_task_section_validates_through_the_task_config(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(GOOD + "task: {name: rule110, preset: paper}\n")
+    spec = load_spec(path)
+    assert (spec.task.config.width, spec.task.config.states) == (24, 4)
+    for task, field, fragment in [
+        ("{name: rule111}", "task.name", "Did you mean 'rule110'"),
+        ("{name: rule110, widht: 8}", "task.widht", "unknown key for task 'rule110'"),
+        ("{name: rule110, width: 0}", "task.width", "greater than 0"),
+        ("{name: mqar, preset: paper}", "model.vocab_size", "at least the vocabulary"),
+    ]:
+        path.write_text(GOOD + f"task: {task}\n")
+        with pytest.raises(SpecError) as caught:
+            load_spec(path)
+        assert caught.value.path == field and fragment in str(caught.value), str(caught.value)
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "archkit.cli", *args],
                           capture_output=True, text=True, cwd=ROOT)
@@ -129,3 +146,11 @@ def test_cli_bad_override_exits_2() -> None:
     result = run_cli("build", "specs/rule110.yaml", "--set", "model.d_model=-1")
     assert result.returncode == 2
     assert "model.d_model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_tasks_show() -> None:
+    result = run_cli("tasks", "show", "rule110", "-n", "2", "--set", "steps=4")
+    assert result.returncode == 0, result.stderr
+    assert "example 1 (steps = 4)" in result.stdout
+    bad = run_cli("tasks", "show", "depo", "--set", "nodez=5")
+    assert bad.returncode == 2 and "task.nodez" in bad.stderr and "Traceback" not in bad.stderr

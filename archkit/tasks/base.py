@@ -41,7 +41,7 @@ from pydantic import (
 )
 
 from archkit.registry import TASKS, RegistryError
-from archkit.spec import SpecError, _from_validation
+from archkit.spec import SpecError, from_validation_error
 
 Split = Literal["train", "eval"]
 Item = TypeVar("Item")
@@ -300,7 +300,7 @@ def get_task(name: str, **config: Any) -> Task:
     try:
         validated = entry.config.model_validate(config)
     except ValidationError as err:
-        raise _from_validation(err, entry.config, prefix="task") from None
+        raise from_validation_error(err, entry.config, prefix="task") from None
     return entry.obj(validated)
 
 

@@ -11,6 +11,7 @@ import json
 import sys
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -93,6 +94,84 @@ def cmd_blocks(args: argparse.Namespace) -> None:
         console.print(table)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from archkit.train import TrainingDiverged, train
+
+    spec = load_spec(args.spec, parse_overrides(args.set))
+    run_dir = args.runs / (args.name or spec.name)
+    try:
+        result = train(spec, run_dir, resume=args.resume, progress=not args.no_progress)
+    except TrainingDiverged as err:
+        print(f"archkit: {err}", file=sys.stderr)
+        sys.exit(1)
+    if result.interrupted:
+        print(f"archkit: interrupted; checkpoint saved in {run_dir}. Continue with: archkit "
+              f"train {args.spec} --resume" + (f" --name {args.name}" if args.name else ""),
+              file=sys.stderr)
+        sys.exit(130)
+    console.print(f"run saved in {run_dir}  (tensorboard --logdir {args.runs})")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from archkit.tracking import score_table
+    from archkit.train import evaluate_run
+
+    overrides = parse_overrides(args.set)
+    if args.passes is not None:
+        overrides["sleep.passes"] = args.passes
+    if args.controller is not None:
+        overrides["sleep.controller"] = args.controller
+    spec, score, loss = evaluate_run(args.run, overrides, args.seed)
+    if args.json:
+        print(json.dumps({"exact": score.overall.exact, "per_answer": score.overall.token,
+                          "loss": loss, **score.metrics()}, indent=2))
+        return
+    assert spec.sleep is not None
+    title = (f"{args.run}: {spec.sleep.controller} sleep, N={spec.sleep.passes}, "
+             f"eval loss {loss:.4f}")
+    console.print(score_table(score, title))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from archkit.bench import measure
+    from archkit.model import HybridModel
+    from archkit.sleep import SleepingModel
+    from archkit.tasks import get_task
+    from archkit.train import load_run_spec, load_weights
+
+    torch.set_num_threads(args.threads)
+    overrides = parse_overrides(args.set)
+    is_run = args.target.is_dir()
+    spec = load_run_spec(args.target, overrides) if is_run else load_spec(args.target, overrides)
+    if spec.sleep is None:
+        raise SpecError("sleep", "a `sleep:` section is needed to measure wake latency",
+                        file=args.target)
+    torch.manual_seed(spec.seed)
+    sleeper = SleepingModel(HybridModel(spec.model), spec.sleep)
+    if is_run:
+        load_weights(sleeper, args.target)
+    if spec.task is not None:
+        task = get_task(spec.task.name, **spec.task.config.model_dump())
+        tokens, context_len = task.eval_batch(1, spec.seed).tokens, task.context_len
+    else:
+        context_len = 4 * spec.sleep.window
+        tokens = torch.randint(0, spec.model.vocab_size, (1, context_len + 1))
+    figures = measure(sleeper, tokens[:, :context_len], tokens[:, context_len:],
+                      decode_tokens=args.decode)
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return
+    table = Table(title=f"{spec.name}: wake and sleep on {args.threads} threads",
+                  title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in figures.items():
+        table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else f"{value:,}")
+    console.print(table)
+
+
 def cmd_tasks_show(args: argparse.Namespace) -> None:
     from archkit.tasks import show
 
@@ -139,6 +218,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a dotted spec key, e.g. sleep.passes=4 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="archkit", description="Build and search hybrid language models that sleep."
@@ -151,12 +235,37 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--window", type=_positive_int, default=None,
                        help=f"attention window L for the KV bound and FLOPs (default: the "
                             f"spec's sleep.window, else {DEFAULT_WINDOW})")
-    build.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a dotted spec key (repeatable)")
-    build.set_defaults(run=cmd_build)
+    add_set(build)
+    build.set_defaults(handler=cmd_build)
 
     blocks = commands.add_parser("blocks", help="list registered blocks, rules, controllers, tasks")
-    blocks.set_defaults(run=cmd_blocks)
+    blocks.set_defaults(handler=cmd_blocks)
+
+    train = commands.add_parser("train", help="train and evaluate a spec; logs to runs/NAME")
+    train.add_argument("spec", help="a spec with model, sleep, task and train sections")
+    train.add_argument("--name", help="run name (default: the spec's name)")
+    train.add_argument("--resume", action="store_true", help="continue the run's checkpoint")
+    train.add_argument("--runs", type=Path, default=Path("runs"), help="runs directory")
+    train.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    add_set(train)
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="re-evaluate a run, at any sleep setting")
+    evaluate.add_argument("run", type=Path, help="a run directory, e.g. runs/rule110_cpu")
+    evaluate.add_argument("--passes", type=_positive_int, help="sleep passes N to evaluate at")
+    evaluate.add_argument("--controller", help="another sleep controller, e.g. adaptive")
+    evaluate.add_argument("--seed", type=int, help="evaluation seed (default: the run's)")
+    evaluate.add_argument("--json", action="store_true")
+    add_set(evaluate)
+    evaluate.set_defaults(handler=cmd_eval)
+
+    bench = commands.add_parser("bench", help="wake latency, sleep cost and memory")
+    bench.add_argument("target", type=Path, help="a spec file or a run directory")
+    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--threads", type=_positive_int, default=2)
+    bench.add_argument("--decode", type=_positive_int, default=32, help="decode steps timed")
+    add_set(bench)
+    bench.set_defaults(handler=cmd_bench)
 
     tasks = commands.add_parser("tasks", help="look at the tasks").add_subparsers(
         dest="tasks_command", required=True, metavar="ACTION")
@@ -167,15 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--seed", type=int, default=0)
     show.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a task field, e.g. steps=8 (repeatable)")
-    show.set_defaults(run=cmd_tasks_show)
+    show.set_defaults(handler=cmd_tasks_show)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    run: Callable[[argparse.Namespace], None] = args.run
+    handler: Callable[[argparse.Namespace], None] = args.handler
     try:
-        run(args)
+        handler(args)
     except (SpecError, RegistryError) as err:
         print(f"archkit: error: {err}", file=sys.stderr)
         sys.exit(USAGE_ERROR)

@@ -173,12 +173,38 @@ def _plugin_config(section: BaseModel, registry: Registry, prefix: str, key: str
         raise problem from None
 
 
+class TrainSpec(StrictModel):
+    """Optimisation and evaluation of one training run (``archkit train``)."""
+
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = 64
+    optimizer: Literal["muon", "adamw"] = Field(
+        "muon", description="muon: Muon for hidden matrices, AdamW for the rest")
+    lr: Annotated[float, Field(gt=0)] = Field(2e-3, description="Muon (or AdamW-only) lr")
+    adamw_lr: Annotated[float, Field(gt=0)] = Field(
+        2e-3, description="AdamW lr for embeddings, head, norms, gates, biases")
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
+    grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
+    eval_every: PositiveInt = 200
+    eval_size: PositiveInt = 512
+    target_accuracy: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="stop early once evaluation exact match reaches this")
+    checkpoint_every: PositiveInt = 200
+    log_every: PositiveInt = 10
+    threads: PositiveInt | None = Field(None, description="torch CPU threads (default: all)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class Spec(StrictModel):
     name: str
     seed: int = 0
     model: ModelSpec
     sleep: SleepSpec | None = None
     task: TaskSpec | None = None
+    train: TrainSpec | None = None
 
     def model_post_init(self, _context: Any) -> None:
         if self.task is not None:

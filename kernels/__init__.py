@@ -59,7 +59,7 @@ def _check(
         raise _shape_error(op, "q", "[B, T, H, K]", ["B", "T", "H", "K"], q)
     B, T, H, K = q.shape
     if T < 1:
-        raise ValueError(f"{op}: q must hold at least one token (T >= 1), got shape {list(q.shape)}")
+        raise ValueError(f"{op}: q must hold at least one token (T >= 1), got {list(q.shape)}")
     if not isinstance(k, Tensor) or k.shape != q.shape:
         raise _shape_error(op, "k", "q's shape [B, T, H, K]", [B, T, H, K], k)
     if not isinstance(v, Tensor) or v.dim() != 4 or v.shape[:3] != q.shape[:3]:

@@ -59,12 +59,28 @@ def _from_chunks(o: Tensor, B: int, H: int, T: int) -> Tensor:
     return o.view(N, B, H, C, V).permute(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T]
 
 
+# exp() of log decays is taken after flooring them at _FLOOR: exp(-40) ~ 4e-18 is below
+# float64 resolution next to the O(1) terms it is added to, and keeping every factor a
+# normal float avoids x86's subnormal/underflow slow path (20-100x slower exp and matmul).
+_FLOOR = -40.0
+
+
+def _exp(x: Tensor) -> Tensor:
+    return x.clamp(min=_FLOOR).exp()
+
+
+def _masked_exp(x: Tensor, mask: Tensor) -> Tensor:
+    """``exp(x)`` where mask, else 0. Where the mask is off x may be > 0: it is clamped to 0
+    first, since exp overflowing to inf gives inf * 0 = nan in the backward pass (and
+    masking with -inf instead hits the slow exp path)."""
+    return x.clamp_(_FLOOR, 0).exp_() * mask
+
+
 def _decay_matrix(gam: Tensor) -> Tensor:
     """Γ: ``[..., C] -> [..., C, C]`` with ``Γ_tj = exp(γ_t - γ_j)`` for j <= t, else 0."""
     C = gam.shape[-1]
     causal = torch.ones(C, C, dtype=torch.bool, device=gam.device).tril()
-    diff = gam[..., :, None] - gam[..., None, :]
-    return diff.masked_fill(~causal, float("-inf")).exp()  # mask before exp: j > t may overflow
+    return _masked_exp(gam[..., :, None] - gam[..., None, :], causal)
 
 
 def _initial(initial_state: Tensor | None, BH: int, K: int, V: int, like: Tensor) -> Tensor:
@@ -83,32 +99,44 @@ def chunk_gated_delta_rule(
     initial_state: Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[Tensor, Tensor]:
-    """Gated delta rule in WY/UT chunked form; returns ``(o [B,T,H,V], S [B,H,K,V])``."""
+    """Gated delta rule in UT form; returns ``(o [B,T,H,V], S [B,H,K,V])``.
+
+    The S-independent parts (A, decays, attention scores) are batched over all chunks. The
+    loop solves ``(I + A) U = diag(β) V - diag(β e^γ) K S_0`` per chunk with the current
+    state on the right-hand side: that is W_v - W_k S_0 without forming W_k and W_v, half
+    the triangular-solve work (V columns instead of K + V) and no concatenation.
+    """
     B, T, H, K = k.shape
     V = v.shape[-1]
     C = min(chunk_size, T)  # short inputs: one chunk, no padding work
-    q, k, v, g, beta = (_to_chunks(x, C) for x in (q * scale, k, v, g, beta))
+    q, k, v, g, beta = (_to_chunks(x, C) for x in (q, k, v, g, beta))
     gam = g.cumsum(-1)  # [N, BH, C]
     decay = _decay_matrix(gam)
-    kb = k * beta[..., None]
-    A = (kb @ k.mT * decay).tril(-1)  # tril: the solve must not see (or send grads to) j >= t
-    rhs = torch.cat([v * beta[..., None], kb * gam.exp()[..., None]], dim=-1)
-    W = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
-    Wv, Wk = W.split([V, K], dim=-1)
-    # W_k and the decayed queries both multiply S_0: stacked, one matmul per chunk reads both.
-    reads = torch.cat([Wk, q * gam.exp()[..., None]], dim=-2)  # [N, BH, 2C, K]
-    attn = q @ k.mT * decay
-    keys_to_end = (k * (gam[..., -1:] - gam).exp()[..., None]).mT  # (diag(e^{γ_C-γ}) K)^T
-    decay_end = gam[..., -1, None, None].exp()  # e^{γ_C}: [N, BH, 1, 1]
+    k_beta = k * beta[..., None]
+    A = k_beta @ k.mT * decay  # the solve reads only the strictly lower triangle
+    v_beta = v * beta[..., None]
+    k_beta_decay = k_beta * _exp(gam)[..., None]
+    keys_to_end = (k * _exp(gam[..., -1:] - gam)[..., None]).mT  # (diag(e^{γ_C - γ}) K)^T
+    decay_end = _exp(gam[..., -1, None, None])  # e^{γ_C}: [N, BH, 1, 1]
 
     S = _initial(initial_state, B * H, K, V, like=q)
-    outputs = []
+    states, values = [], []
     for n in range(q.shape[0]):
-        read = reads[n] @ S
-        u = Wv[n] - read[:, :C]
-        outputs.append(torch.baddbmm(read[:, C:], attn[n], u))
+        states.append(S)
+        rhs = torch.baddbmm(v_beta[n], k_beta_decay[n], S, alpha=-1)
+        u = torch.linalg.solve_triangular(A[n], rhs, upper=False, unitriangular=True)
+        values.append(u)
         S = torch.baddbmm(S * decay_end[n], keys_to_end[n], u)
-    return _from_chunks(torch.stack(outputs), B, H, T), S.view(B, H, K, V)
+    S_in, U = torch.stack(states), torch.stack(values)  # [N, BH, K, V], [N, BH, C, V]
+    o = _add_matmul((q * (scale * _exp(gam))[..., None]) @ S_in, q @ k.mT * decay, U, scale)
+    return _from_chunks(o, B, H, T), S.view(B, H, K, V)
+
+
+def _add_matmul(x: Tensor, a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """``x + alpha a @ b`` for ``[N, M, *, *]`` tensors, in one baddbmm (no extra passes)."""
+    return torch.baddbmm(x.flatten(0, 1), a.flatten(0, 1), b.flatten(0, 1), alpha=alpha).view(
+        x.shape
+    )
 
 
 def _key_decay_scores(q: Tensor, k: Tensor, gam: Tensor, sub: int) -> Tensor:
@@ -116,26 +144,22 @@ def _key_decay_scores(q: Tensor, k: Tensor, gam: Tensor, sub: int) -> Tensor:
 
     q, k, gam: ``[..., C, K]`` with C = s * sub. For j in an earlier sub-chunk than t, factor
     the decay at r, the last position before t's sub-chunk: ``exp(γ_t - γ_r) exp(γ_r - γ_j)``,
-    both <= 1, so the scores are a matmul. Within t's own sub-chunk, form the exact
+    both <= 1, so those scores are a matmul. Within t's own sub-chunk, form the exact
     ``[sub, sub, K]`` decays (cheap: sub * K numbers per token).
     """
-    C, K = q.shape[-2:]
+    C = q.shape[-2]
     s = C // sub
     qs, ks, gs = (x.unflatten(-2, (s, sub)) for x in (q, k, gam))  # [..., s, sub, K]
     ref = F.pad(gam, (0, 0, 1, 0))[..., 0:C:sub, :]  # γ_r for each sub-chunk (γ_0 = 0)
-    q_r = qs * (gs - ref[..., :, None, :]).exp()
-    earlier = torch.arange(C, device=q.device) < sub * torch.arange(s, device=q.device)[:, None]
-    to_ref = (ref[..., :, None, :] - gam[..., None, :, :]).masked_fill(
-        ~earlier[:, :, None], float("-inf")
-    )
-    k_r = k[..., None, :, :] * to_ref.exp()  # [..., s, C, K], zero where j is not earlier
-    scores = q_r @ k_r.mT  # [..., s, sub, C]
+    q_r = qs * _exp(gs - ref[..., :, None, :])
+    pos = torch.arange(C, device=q.device)
+    earlier = (pos < sub * torch.arange(s, device=q.device)[:, None])[..., None]  # [s, C, 1]
+    k_r = k[..., None, :, :] * _masked_exp(ref[..., :, None, :] - gam[..., None, :, :], earlier)
+    scores = q_r @ k_r.mT  # [..., s, sub, C]; zero where j is not in an earlier sub-chunk
 
-    causal = torch.ones(sub, sub, dtype=torch.bool, device=q.device).tril()
-    within = (gs[..., :, None, :] - gs[..., None, :, :]).masked_fill(
-        ~causal[:, :, None], float("-inf")
-    )
-    diag = (qs[..., :, None, :] * ks[..., None, :, :] * within.exp()).sum(-1)  # [.., s, sub, sub]
+    causal = torch.ones(sub, sub, dtype=torch.bool, device=q.device).tril()[..., None]
+    within = _masked_exp(gs[..., :, None, :] - gs[..., None, :, :], causal)
+    diag = (qs[..., :, None, :] * ks[..., None, :, :] * within).sum(-1)  # [..., s, sub, sub]
     eye = torch.eye(s, dtype=q.dtype, device=q.device)
     scores = scores + (diag[..., None, :] * eye[:, None, :, None]).flatten(-2)  # block diagonal
     return scores.flatten(-3, -2)
@@ -152,7 +176,10 @@ def chunk_gated_linear_rule(
     chunk_size: int = 64,
     sub_chunk: int = 16,
 ) -> tuple[Tensor, Tensor]:
-    """Gated linear rule, chunked; g ``[B,T,H]`` or ``[B,T,H,K]``; returns ``(o, S)``."""
+    """Gated linear rule, chunked; g ``[B,T,H]`` or ``[B,T,H,K]``; returns ``(o, S)``.
+
+    ``sub_chunk`` (a divisor of ``chunk_size``) only matters for per-key decay.
+    """
     if chunk_size % sub_chunk:
         raise ValueError(f"chunk_size ({chunk_size}) must be a multiple of sub_chunk ({sub_chunk})")
     B, T, H, K = k.shape
@@ -161,19 +188,21 @@ def chunk_gated_linear_rule(
     if beta is not None:
         v = v * beta[..., None]
     g = g if g.dim() == 4 else g[..., None]  # [B, T, H, 1 or K]
-    q, k, v, g = (_to_chunks(x, C) for x in (q * scale, k, v, g))
+    q, k, v, g = (_to_chunks(x, C) for x in (q, k, v, g))
     gam = g.cumsum(-2)  # [N, BH, C, 1 or K]
-    if gam.shape[-1] == 1:
-        scores = q @ k.mT * _decay_matrix(gam[..., 0])
-    else:
-        scores = _key_decay_scores(q, k, gam, min(sub_chunk, C))
-    chunk_writes = (k * (gam[..., -1:, :] - gam).exp()).mT @ v  # each chunk's own S_C
-    decay_end = gam[..., -1, :, None].exp()  # [N, BH, 1 or K, 1]
+    q_decay = q * (scale * _exp(gam))
+    chunk_writes = (k * _exp(gam[..., -1:, :] - gam)).mT @ v  # each chunk's own S_C
+    decay_end = _exp(gam[..., -1, :, None])  # [N, BH, 1 or K, 1]
+    sub = min(sub_chunk, C)
 
     S = _initial(initial_state, B * H, K, V, like=q)
-    entering = []
+    outputs = []
     for n in range(q.shape[0]):
-        entering.append(S)
+        if gam.shape[-1] == 1:
+            scores = q[n] @ k[n].mT * _decay_matrix(gam[n, ..., 0])
+        else:  # in the loop: its [sub, sub, K] decays are too big to form for all chunks
+            scores = _key_decay_scores(q[n], k[n], gam[n], sub)
+        outputs.append(torch.baddbmm(q_decay[n] @ S, scores, v[n], alpha=scale))
         S = S * decay_end[n] + chunk_writes[n]
-    o = scores @ v + (q * gam.exp()) @ torch.stack(entering)
+    o = torch.stack(outputs)
     return _from_chunks(o, B, H, T), S.view(B, H, K, V)

@@ -19,7 +19,9 @@ from archkit.registry import RULES
 # chunk boundary (64), 200 crosses three of them and ends mid-chunk.
 SHAPES = [(1, 24, 40, True), (7, 40, 24, False), (63, 24, 24, True), (65, 40, 72, False),
           (200, 24, 40, True)]
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}  # relative RMSE
+# relative RMSE; float32 chunk-vs-reference errors are ~1e-6, up to ~2e-5 for the gradient
+# w.r.t. g under extreme decay (float32 cumsums of g reach -300 within a chunk).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 NAMES = ("q", "k", "v", "g", "beta", "initial_state")
 
 
@@ -48,8 +50,9 @@ def run(op, x: dict, impl: str, **kw) -> tuple[torch.Tensor, torch.Tensor, dict]
     o, state = op(*(x[n] for n in NAMES[:5]), initial_state=x["initial_state"],
                   output_final_state=True, impl=impl, **kw)
     gen = torch.Generator().manual_seed(1)
-    loss = (o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
-    loss = loss + (state * torch.randn(state.shape, generator=gen, dtype=state.dtype)).sum()
+    loss = (o * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)).sum()
+    w_state = torch.randn(state.shape, generator=gen, dtype=torch.float64).to(state.dtype)
+    loss = loss + (state * w_state).sum()
     inputs = [t for t in x.values() if t is not None]
     grads = torch.autograd.grad(loss, inputs)
     names = [n for n, t in x.items() if t is not None]
@@ -118,7 +121,9 @@ def test_other_chunk_sizes(chunk_size):
 )
 def test_gradcheck_chunk(op, key_decay):
     x = make_inputs(6, 3, 2, torch.float64, B=1, H=2, key_decay=key_decay, seed=3)
-    sizes = {"chunk_size": 4, "sub_chunk": 2} if op is chunk_gated_linear_rule else {"chunk_size": 4}
+    sizes = {"chunk_size": 4}
+    if op is chunk_gated_linear_rule:
+        sizes["sub_chunk"] = 2
 
     def f(*args):
         return op(*args[:5], scale=0.7, initial_state=args[5], **sizes)
@@ -158,7 +163,7 @@ def test_registered_rules_by_name():
 def test_half_precision_computes_in_float32(impl):
     x = make_inputs(80, 24, 40, torch.float32)
     args = [x[n].detach() for n in NAMES[:5]]
-    o32, s32 = gated_delta_rule(*args, output_final_state=True, impl=impl)
+    o32, _ = gated_delta_rule(*args, output_final_state=True, impl=impl)
     o16, s16 = gated_delta_rule(*(a.bfloat16() for a in args), output_final_state=True,
                                 impl=impl)
     assert o16.dtype == torch.bfloat16 and s16.dtype == torch.float32
@@ -184,7 +189,6 @@ def _bad_inputs():
     yield "impl", "impl must be one of", {"impl": "triton-ish"}
     yield "empty", "at least one token", {n: x[n][:, :0] for n in NAMES[:5]}
     yield "dtype", "floating-point", {"q": x["q"].long(), "k": x["k"].long()}
-    return x
 
 
 @pytest.mark.parametrize(("case", "message", "change"), list(_bad_inputs()),

@@ -228,7 +228,7 @@ def test_bad_sleep_sections(tmp_path: Path) -> None:
     cases = {
         "sleep.passes": ({"sleep.window": 4, "sleep.passes": 0}, "greater than 0"),
         "sleep.controller": ({"sleep.window": 4, "sleep.controller": "nap"}, "registered:"),
-        "sleep.tol": ({"sleep.window": 4, "sleep.tol": 1}, "unknown key for controller"),
+        "sleep.tol": ({"sleep.window": 4, "sleep.tol": 1}, "unknown key for sleep controller"),
         "sleep.layers": ({"sleep.window": 4, "sleep.layers": [2, 9]}, "within 0..4"),
         "sleep.rule": ({"sleep.window": 4, "sleep.rule": "hebb"}, "unknown rule"),
         "sleep.window": ({"sleep.window": 0}, "greater than 0"),

@@ -1,0 +1,62 @@
+"""Wake latency, sleep cost and memory of a sleeping model, measured on this machine.
+
+Wake latency is what a user waits for per token once the context has been slept on: the
+median over decode steps of ``wake_step`` (one pass, whatever N). Sleep cost is the mean
+time to consolidate one context window with the configured controller. Figures use a
+fixed thread count and a warm-up run, so that two models compare on equal terms.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from archkit.sleep import SleepingModel
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1e3
+
+
+@torch.inference_mode()
+def measure(sleeper: SleepingModel, context: torch.Tensor, prompt: torch.Tensor,
+            decode_tokens: int = 32, warmup: bool = True) -> dict[str, Any]:
+    """Sleep on ``context`` [1, C], read ``prompt`` [1, P] awake (the question), then decode
+    ``decode_tokens`` greedily. Returns the figures ``archkit bench`` reports."""
+    sleeper.eval()
+    if warmup:
+        warm = sleeper.init_wake(context[:, : sleeper.window])
+        sleeper.wake_step(prompt[:, 0], warm)
+    start = time.perf_counter()
+    wake = sleeper.init_wake(context)
+    sleep_ms = _ms_since(start) / max(1, wake.report.sleeps)
+    start = time.perf_counter()
+    for t in range(prompt.shape[1]):
+        logits, wake = sleeper.wake_step(prompt[:, t], wake)
+    answer_ms = _ms_since(start)
+    steps = []
+    for _ in range(decode_tokens):
+        start = time.perf_counter()
+        logits, wake = sleeper.wake_step(logits.argmax(-1), wake)
+        steps.append(_ms_since(start))
+    kv_per_token = sum(layer.mixer.kv_bytes_per_token() for layer in sleeper.model.layers)
+    deciles = statistics.quantiles(steps, n=10) if len(steps) > 1 else steps * 9
+    return {
+        "wake_ms_per_token": statistics.median(steps),
+        "wake_ms_p10": deciles[0],
+        "wake_ms_p90": deciles[-1],
+        "answer_ms": answer_ms,
+        "sleep_ms_per_window": sleep_ms,
+        "sleeps": wake.report.sleeps,
+        "passes_per_sleep": statistics.fmean(wake.report.passes) if wake.report.passes else 0,
+        "kv_peak_tokens": wake.report.peak_kv_tokens,
+        "kv_peak_bytes": wake.report.peak_kv_tokens * kv_per_token,
+        "fast_weight_bytes": wake.report.fast_weight_bytes,
+        "params": sum(p.numel() for p in {id(p): p for p in sleeper.parameters()}.values()),
+        "context_tokens": context.shape[1],
+        "decode_tokens": decode_tokens,
+        "threads": torch.get_num_threads(),
+    }

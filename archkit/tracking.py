@@ -1,0 +1,113 @@
+"""What a training run shows and keeps: a live progress bar, TensorBoard scalars, text
+and hparams, ``metrics.jsonl`` and ``final.json``, and a final table by difficulty."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from torch.utils.tensorboard import SummaryWriter
+
+from archkit.spec import Spec
+from archkit.tasks import Score
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists become strings (TensorBoard hparams)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        elif value is not None:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def score_table(score: Score, title: str, difficulty_name: str = "difficulty") -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in (difficulty_name, "examples", "exact match", "per answer"):
+        table.add_column(column, justify="right")
+    for value, acc in sorted(score.by_difficulty.items()):
+        table.add_row(str(value), str(acc.examples), f"{acc.exact:.3f}", f"{acc.token:.3f}")
+    overall = score.overall
+    table.add_row("all", str(overall.examples), f"{overall.exact:.3f}", f"{overall.token:.3f}",
+                  style="bold")
+    return table
+
+
+class TrainLogger:
+    def __init__(self, run_dir: Path, spec: Spec, total_steps: int, start_step: int,
+                 progress: bool, log_every: int = 1) -> None:
+        self.run_dir, self.spec, self.log_every = run_dir, spec, log_every
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self._truncate_after(start_step)
+        self.writer = SummaryWriter(str(run_dir), purge_step=start_step or None)
+        if start_step == 0:
+            text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+            self.writer.add_text("spec", "```yaml\n" + text + "\n```", 0)
+        self.console = Console()
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(),
+            TextColumn("step {task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("acc {task.fields[acc]}"),
+            TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
+            console=self.console, disable=not progress,
+        )
+        self.bar = self.progress.add_task(spec.name, total=total_steps, completed=start_step,
+                                          loss="-", acc="-", tps="-")
+        self.progress.start()
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop records a crash left beyond the checkpoint we resume from."""
+        if not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if json.loads(line)["step"] <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def _record(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def step(self, step: int, loss: float, grad_norm: float, lrs: list[float],
+             tokens_per_s: float, passes: list[int]) -> None:
+        self.progress.update(self.bar, completed=step, loss=f"{loss:.4f}",
+                             tps=f"{tokens_per_s:,.0f}")
+        if step % self.log_every:
+            return
+        scalars = {"loss/train": loss, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                   "sleep/passes_mean": statistics.fmean(passes) if passes else 0.0}
+        scalars.update({f"lr/group_{i}": lr for i, lr in enumerate(lrs)})
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self._record({"step": step, "kind": "train", **scalars})
+
+    def evaluation(self, step: int, score: Score, loss: float) -> None:
+        self.progress.update(self.bar, acc=f"{score.overall.exact:.3f}")
+        scalars = {"loss/eval": loss, "acc/exact": score.overall.exact,
+                   "acc/per_answer": score.overall.token}
+        scalars.update({f"acc/difficulty_{v}": a.exact for v, a in score.by_difficulty.items()})
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self._record({"step": step, "kind": "eval", **scalars})
+
+    def close(self, score: Score | None, eval_loss: float | None = None) -> None:
+        self.progress.stop()
+        if score is not None:
+            metrics = {"final/exact": score.overall.exact, "final/per_answer": score.overall.token,
+                       "final/eval_loss": eval_loss or 0.0}
+            self.writer.add_hparams(flatten(self.spec.model_dump(mode="json")), metrics,
+                                    run_name=".")
+            final = {"exact": score.overall.exact, "per_answer": score.overall.token,
+                     "eval_loss": eval_loss,
+                     **{k: v for k, v in score.metrics().items() if "/" in k}}
+            (self.run_dir / "final.json").write_text(json.dumps(final, indent=2))
+            self.console.print(score_table(score, f"{self.spec.name}: final evaluation"))
+        self.writer.close()

@@ -1,0 +1,169 @@
+"""Benchmark the chunked fast-weight ops against the per-token reference on this CPU.
+
+    python benchmarks/kernels.py           # the tables in docs/results.md
+    python benchmarks/kernels.py --quick   # T in {512, 2048}, fewer repeats
+    python benchmarks/kernels.py --auto    # short T: where impl="auto" should switch
+
+Shapes B=4, H=4, K=V=64, float32, 2 threads; unit-norm keys, beta = sigmoid(N(0,1)),
+g = logsigmoid(U(0,1)) (decay factors 0.5-0.73 per step). Times are medians of repeated
+calls (other jobs share the cores, so single calls are noisy); the reference at T=8192
+gets fewer repeats. The fp32 matmul rate (1024^3) is measured in the same run.
+
+FLOPs counted for the chunked gated delta rule: the matmul FLOPs it executes, per chunk
+of C tokens and head (exp, masks and other elementwise work not counted)::
+
+    A = (βK) K^T                    2 C^2 K
+    scores = Q K^T                  2 C^2 K
+    right-hand side (β e^γ K) S     2 C K V
+    triangular solve for U          C^2 V
+    state update K^T U              2 C K V
+    inter-chunk output (e^γ Q) S    2 C K V
+    intra-chunk output scores U     2 C^2 V
+
+i.e. 4C²K + 3C²V + 6CKV = 13 * 64^3 = 3.4 MFLOP per chunk and head at C = K = V = 64
+(53 kFLOP per token and head; 1.75 GFLOP for B=4, H=4, T=2048).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from archkit.kernels import gated_delta_rule, gated_linear_rule
+
+B, H, K, V, CHUNK = 4, 4, 64, 64, 64
+
+
+def timeit(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls after one warm-up call, in seconds."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / timeit(lambda: a @ b, repeats) / 1e9
+
+
+def delta_flops(T: int, C: int = CHUNK) -> float:
+    """Matmul FLOPs of the chunked gated delta rule (see the module docstring)."""
+    chunks = -(-T // C)
+    return B * H * chunks * (4 * C * C * K + 3 * C * C * V + 6 * C * K * V)
+
+
+def inputs(T: int, key_decay: bool = False, grad: bool = False) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    g_shape = (B, T, H, K) if key_decay else (B, T, H)
+    x = {
+        "q": torch.randn(B, T, H, K, generator=gen),
+        "k": F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1),
+        "v": torch.randn(B, T, H, V, generator=gen),
+        "g": F.logsigmoid(torch.rand(*g_shape, generator=gen)),
+        "beta": torch.randn(B, T, H, generator=gen).sigmoid(),
+    }
+    return {n: t.requires_grad_(grad) for n, t in x.items()}
+
+
+def forward(op: Callable, x: dict, impl: str) -> Callable[[], object]:
+    def run() -> object:
+        with torch.no_grad():
+            return op(**x, impl=impl)
+
+    return run
+
+
+def forward_backward(op: Callable, x: dict, impl: str) -> Callable[[], object]:
+    def run() -> object:
+        o, _ = op(**x, impl=impl)
+        o.sum().backward()
+        return o
+
+    return run
+
+
+def row(cells: list[object]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def delta_tables(lengths: list[int], peak: float, quick: bool) -> None:
+    print("\nGated delta rule, forward (no grad):\n")
+    print(row(["T", "reference ms", "chunk ms", "speedup", "chunk GFLOP", "chunk GFLOP/s",
+               "% of matmul"]))
+    print(row(["---"] * 7))
+    for T in lengths:
+        x = inputs(T)
+        ref = timeit(forward(gated_delta_rule, x, "reference"), 1 if T > 2048 or quick else 5)
+        chunk = timeit(forward(gated_delta_rule, x, "chunk"), 5 if quick else 20)
+        rate = delta_flops(T) / chunk / 1e9
+        print(row([T, f"{ref * 1e3:.0f}", f"{chunk * 1e3:.1f}", f"{ref / chunk:.1f}x",
+                   f"{delta_flops(T) / 1e9:.2f}", f"{rate:.0f}", f"{100 * rate / peak:.0f}%"]))
+
+    print("\nGated delta rule, forward + backward (sum of outputs):\n")
+    print(row(["T", "reference ms", "chunk ms", "speedup"]))
+    print(row(["---"] * 4))
+    for T in lengths:
+        x = inputs(T, grad=True)
+        ref = timeit(forward_backward(gated_delta_rule, x, "reference"), 1 if T > 512 else 3)
+        chunk = timeit(forward_backward(gated_delta_rule, x, "chunk"), 3 if quick else 10)
+        print(row([T, f"{ref * 1e3:.0f}", f"{chunk * 1e3:.1f}", f"{ref / chunk:.1f}x"]))
+
+
+def linear_table(lengths: list[int], quick: bool) -> None:
+    print("\nGated linear (Hebbian) rule, forward (no grad):\n")
+    print(row(["T", "g", "reference ms", "chunk ms", "speedup"]))
+    print(row(["---"] * 5))
+    for T in lengths:
+        for key_decay, name in ((False, "[B,T,H]"), (True, "[B,T,H,K]")):
+            x = inputs(T, key_decay=key_decay)
+            ref = timeit(forward(gated_linear_rule, x, "reference"), 1 if T > 2048 or quick else 3)
+            chunk = timeit(forward(gated_linear_rule, x, "chunk"), 5 if quick else 10)
+            print(row([T, name, f"{ref * 1e3:.0f}", f"{chunk * 1e3:.1f}", f"{ref / chunk:.1f}x"]))
+
+
+def auto_table() -> None:
+    """Short sequences, one sequence of 4 heads: the regime of token-by-token decode."""
+    global B
+    B = 1
+    print("\nShort T (B=1, H=4, K=V=64), forward, median ms:\n")
+    print(row(["T", "op", "reference", "chunk"]))
+    print(row(["---"] * 4))
+    for T in (1, 2, 3, 4, 8, 16, 64):
+        for name, op in (("gated_delta", gated_delta_rule), ("hebbian", gated_linear_rule)):
+            x = inputs(T)
+            ref = timeit(forward(op, x, "reference"), 200)
+            chunk = timeit(forward(op, x, "chunk"), 200)
+            print(row([T, name, f"{ref * 1e3:.3f}", f"{chunk * 1e3:.3f}"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="T in {512, 2048}, fewer repeats")
+    parser.add_argument("--auto", action="store_true", help="time short T for impl='auto'")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    if args.auto:
+        auto_table()
+        return
+    lengths = [512, 2048] if args.quick else [512, 2048, 8192]
+    before = matmul_gflops()
+    delta_tables(lengths, before, args.quick)
+    linear_table(lengths, args.quick)
+    after = matmul_gflops()
+    print(f"\nfp32 matmul 1024^3: {before:.0f} GFLOP/s before the tables, {after:.0f} after "
+          f"(the % column uses the first).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Trainer, evaluation and bench on a tiny task: real runs of a few steps each."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from archkit.sleep import SleepingModel
+from archkit.spec import Spec, SpecError, load_spec
+from archkit.train import (
+    TrainingDiverged,
+    build,
+    evaluate_run,
+    make_optimizers,
+    split_parameters,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "name": "tiny", "model.d_model": 32, "model.blocks.gated_delta.head_dim": 16,
+    "task.width": 6, "task.states": 2, "sleep.window": 6,
+    "train.steps": 12, "train.batch_size": 16, "train.warmup_steps": 2,
+    "train.eval_every": 6, "train.eval_size": 48, "train.checkpoint_every": 4,
+    "train.log_every": 1, "train.lr": 1e-2, "train.adamw_lr": 1e-2,
+}
+
+
+def tiny_spec(**overrides: object) -> Spec:
+    return load_spec(ROOT / "specs/rule110_cpu.yaml", {**TINY, **overrides})
+
+
+def test_a_few_steps_lower_the_loss_and_repeat_exactly(tmp_path: Path) -> None:
+    spec = tiny_spec(**{"train.steps": 30, "train.eval_every": 30})
+    first = train(spec, tmp_path / "a", progress=False)
+    second = train(spec, tmp_path / "b", progress=False)
+    losses = list(first.losses.values())
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert first.losses == second.losses
+    assert first.final is not None and 0 <= first.final.overall.exact <= 1
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_losses(tmp_path: Path) -> None:
+    spec = tiny_spec()
+    whole = train(spec, tmp_path / "whole", progress=False)
+
+    def interrupt(step: int, loss: float, sleeper: SleepingModel) -> None:
+        if step == 6:  # after a checkpoint at 4: the interruption itself must save step 7
+            raise KeyboardInterrupt
+
+    cut = train(spec, tmp_path / "cut", progress=False, on_step=interrupt)
+    assert cut.interrupted and max(cut.losses) == 6
+    rest = train(spec, tmp_path / "cut", resume=True, progress=False)
+    assert min(rest.losses) == 7
+    assert {**cut.losses, **rest.losses} == whole.losses
+    records = [json.loads(line) for line in (tmp_path / "cut/metrics.jsonl").open()]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == sorted(set(steps)) == list(range(1, 13))
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path: Path) -> None:
+    spec = tiny_spec(**{"train.steps": 2})
+    train(spec, tmp_path / "r", progress=False)
+    with pytest.raises(SpecError, match="--resume"):
+        train(spec, tmp_path / "r", progress=False)
+    with pytest.raises(SpecError, match="nothing to resume"):
+        train(spec, tmp_path / "other", resume=True, progress=False)
+
+
+def test_muon_gets_exactly_the_hidden_matrices() -> None:
+    sleeper = build(tiny_spec())
+    hidden, others = split_parameters(sleeper)
+    linear_weights = {id(m.weight) for name, m in sleeper.model.layers.named_modules()
+                      if isinstance(m, nn.Linear)}
+    assert {id(p) for p in hidden} == linear_weights
+    assert all(p.dim() == 2 for p in hidden)
+    embedding = sleeper.model.embedding.weight
+    assert any(p is embedding for p in others) and all(p is not embedding for p in hidden)
+    assert len(hidden) + len(others) == len(list(sleeper.parameters()))
+    muon, adamw = make_optimizers(sleeper, tiny_spec().train)
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert sum(len(g["params"]) for g in muon.param_groups) == len(hidden)
+    only = make_optimizers(sleeper, tiny_spec(**{"train.optimizer": "adamw"}).train)
+    assert len(only) == 1 and isinstance(only[0], torch.optim.AdamW)
+
+
+def test_eval_of_the_checkpoint_equals_the_final_evaluation(tmp_path: Path) -> None:
+    result = train(tiny_spec(), tmp_path / "r", progress=False)
+    _, score, _ = evaluate_run(tmp_path / "r")
+    assert score == result.final
+    final = json.loads((tmp_path / "r/final.json").read_text())
+    assert final["exact"] == score.overall.exact
+    _, longer, _ = evaluate_run(tmp_path / "r", {"sleep.passes": 3})
+    assert longer.overall.examples == score.overall.examples
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    def poison(step: int, loss: float, sleeper: SleepingModel) -> None:
+        if step == 5:  # after the step-4 checkpoint
+            with torch.no_grad():
+                sleeper.model.embedding.weight.fill_(math.nan)
+
+    with pytest.raises(TrainingDiverged, match="diverged at step 6"):
+        train(tiny_spec(), tmp_path / "r", progress=False, on_step=poison)
+    record = json.loads((tmp_path / "r/diverged.json").read_text())
+    assert record["step"] == 6 and record["last_checkpoint"] == 4
+    _, _, loss = evaluate_run(tmp_path / "r")
+    assert math.isfinite(loss)
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "archkit.cli", *args],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_train_eval_and_bench(tmp_path: Path) -> None:
+    sets = [f"--set={k}={v}" for k, v in TINY.items() if k != "name"]
+    trained = run_cli("train", str(ROOT / "specs/rule110_cpu.yaml"), "--runs", str(tmp_path),
+                      "--name", "cli", "--no-progress", *sets)
+    assert trained.returncode == 0, trained.stderr
+    assert "final evaluation" in trained.stdout
+    evaluated = run_cli("eval", str(tmp_path / "cli"), "--passes", "2", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert 0 <= json.loads(evaluated.stdout)["exact"] <= 1
+    bench = run_cli("bench", str(tmp_path / "cli"), "--json", "--decode", "4")
+    assert bench.returncode == 0, bench.stderr
+    figures = json.loads(bench.stdout)
+    for key in ("wake_ms_per_token", "sleep_ms_per_window", "kv_peak_bytes",
+                "fast_weight_bytes", "params"):
+        assert figures[key] > 0, key
+    missing = run_cli("eval", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "no checkpoint" in missing.stderr

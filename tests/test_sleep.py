@@ -94,10 +94,11 @@ def test_two_passes_equal_two_manual_passes() -> None:
     state, pieces = model.init_state(2), []
     for a, b in windows(0, context):
         state = sleep_on(tokens[:, a:b], state)
+    window_start = state
     for i, (a, b) in enumerate(windows(context, tokens.shape[1])):
         if i:
-            state = sleep_on(tokens[:, a - L:a], start)
-        start = state
+            state = sleep_on(tokens[:, a - L:a], window_start)
+        window_start = state
         logits, state = model(tokens[:, a:b], state)
         pieces.append(logits)
     torch.testing.assert_close(out.logits, torch.cat(pieces, 1), rtol=1e-10, atol=1e-12)

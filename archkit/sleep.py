@@ -89,20 +89,17 @@ class SleepingModel(nn.Module):
         ``loss_mask[:, p]`` marks answer tokens, each predicted by the logits at p - 1;
         answers must lie in the prediction segment (p > context_len).
         """
-        batch, total = tokens.shape
+        total = tokens.shape[1]
         if not 0 <= context_len < total:
             raise ValueError(f"context_len must be in [0, {total}), got {context_len}")
         report = SleepReport()
-        state = self.model.init_state(batch)
-        starts = range(0, context_len, self.window)
-        for index, start in enumerate(starts):
-            window = tokens[:, start:min(start + self.window, context_len)]
-            state = self.consolidate(window, state, index, len(starts), report)
-        pieces, window_start = [], state
+        state = self.sleep_on_context(tokens[:, :context_len], report)
+        pieces, window_start, context_windows = [], state, report.sleeps
         for start in range(context_len, total, self.window):
             if start > context_len:  # the previous wake window is full: sleep on it
                 full = tokens[:, start - self.window:start]
-                state = self.consolidate(full, window_start, report.sleeps, len(starts), report)
+                state = self.consolidate(full, window_start, report.sleeps, context_windows,
+                                         report)
             window_start = state
             logits, state = self.model(tokens[:, start:start + self.window], state)
             report.peak_kv_tokens = max(report.peak_kv_tokens, kv_tokens(state))
@@ -157,26 +154,33 @@ class SleepingModel(nn.Module):
     @contextlib.contextmanager
     def asleep(self) -> Iterator[None]:
         """Fast-weight blocks apply the sleep rule (if one is set) while asleep."""
+        if self.sleep.rule == "same":
+            yield
+            return
         blocks = [m for m in self.model.modules() if isinstance(m, FastWeightBlock)]
         wake_rules = [b.rule for b in blocks]
-        if self.sleep.rule != "same":
-            for block in blocks:
-                block.rule = self.sleep.rule
+        for block in blocks:
+            block.rule = self.sleep.rule
         try:
             yield
         finally:
             for block, rule in zip(blocks, wake_rules, strict=True):
                 block.rule = rule
 
-    def init_wake(self, context: Tensor) -> WakeState:
-        """Consolidate a whole context, window by window, ready to read awake."""
-        report = SleepReport()
+    def sleep_on_context(self, context: Tensor, report: SleepReport) -> ModelState:
+        """Fresh fast weights, then every window of ``context`` [B, C] slept on in turn."""
         state = self.model.init_state(context.shape[0])
         starts = range(0, context.shape[1], self.window)
         for index, start in enumerate(starts):
             state = self.consolidate(context[:, start:start + self.window], state, index,
                                      len(starts), report)
-        return WakeState(state, state, context[:, :0], len(starts), report)
+        return state
+
+    def init_wake(self, context: Tensor) -> WakeState:
+        """Consolidate a whole context, window by window, ready to read awake."""
+        report = SleepReport()
+        state = self.sleep_on_context(context, report)
+        return WakeState(state, state, context[:, :0], report.sleeps, report)
 
     def wake_step(self, token: Tensor, wake: WakeState) -> tuple[Tensor, WakeState]:
         """Read one token per sequence awake (one pass): ``token`` [B] -> logits [B, V].

@@ -15,24 +15,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import torch
 
+from archkit.bench import measure
 from archkit.model import HybridModel
 from archkit.sleep import SleepingModel
 from archkit.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-T = TypeVar("T")
-
-
-def timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
-    start = time.perf_counter()
-    result = fn(*args)
-    return result, (time.perf_counter() - start) * 1e3
 
 
 def sleeper_run(spec_path: Path, passes: int, window: int, context: int, tokens: int,
@@ -40,20 +32,9 @@ def sleeper_run(spec_path: Path, passes: int, window: int, context: int, tokens:
     spec = load_spec(spec_path, {"sleep.passes": passes, "sleep.window": window,
                                  "sleep.controller": "fixed", "sleep.eviction": "hard"})
     torch.manual_seed(seed)
-    sleeper = SleepingModel(HybridModel(spec.model), spec.sleep).eval()
-    ids = torch.randint(0, spec.model.vocab_size, (1, context + tokens))
-    wake, sleep_ms = timed(sleeper.init_wake, ids[:, :context])
-    step_ms = []
-    for t in range(tokens):
-        (_, wake), ms = timed(sleeper.wake_step, ids[:, context + t], wake)
-        step_ms.append(ms)
-    kv_per_token = sum(layer.mixer.kv_bytes_per_token() for layer in sleeper.model.layers)
-    return {
-        "wake_ms_per_token": statistics.median(step_ms[2:]),
-        "sleep_ms_per_window": sleep_ms / wake.report.sleeps,
-        "kv_peak_bytes": wake.report.peak_kv_tokens * kv_per_token,
-        "fast_weight_bytes": wake.report.fast_weight_bytes,
-    }
+    sleeper = SleepingModel(HybridModel(spec.model), spec.sleep)
+    ids = torch.randint(0, spec.model.vocab_size, (1, context + 1))
+    return measure(sleeper, ids[:, :context], ids[:, context:], decode_tokens=tokens)
 
 
 def baseline_run(spec_path: Path, context: int, tokens: int, seed: int) -> dict[str, float]:
@@ -68,10 +49,11 @@ def baseline_run(spec_path: Path, context: int, tokens: int, seed: int) -> dict[
         _, state = model(ids[:, start:min(start + 512, context)], state)
     step_ms = []
     for t in range(tokens):
-        (_, state), ms = timed(model.step, ids[:, context + t], state)
-        step_ms.append(ms)
+        start = time.perf_counter()
+        _, state = model.step(ids[:, context + t], state)
+        step_ms.append((time.perf_counter() - start) * 1e3)
     kv = sum(layer.mixer.kv_bytes_per_token() for layer in model.layers) * (context + tokens)
-    return {"wake_ms_per_token": statistics.median(step_ms[2:]), "kv_peak_bytes": kv}
+    return {"wake_ms_per_token": statistics.median(step_ms), "kv_peak_bytes": kv}
 
 
 def main() -> None:
@@ -80,13 +62,13 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--passes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
-    parser.add_argument("--tokens", type=int, default=34, help="decode steps timed")
+    parser.add_argument("--tokens", type=int, default=32, help="decode steps timed")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     print(f"spec {args.spec.name}, window L={args.window}, {args.threads} threads, batch 1; "
-          f"median over {args.tokens - 2} decode steps")
+          f"median over {args.tokens} decode steps")
     print(f"{'model':>12} {'context':>8} {'wake ms/tok':>12} {'sleep ms/win':>13} "
           f"{'KV peak':>10}")
     rows = {}

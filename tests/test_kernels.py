@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from archkit.kernels import chunk as chunk_module
 from archkit.kernels import (
     chunk_gated_delta_rule,
     chunk_gated_linear_rule,
@@ -115,6 +116,19 @@ def test_other_chunk_sizes(chunk_size):
 
 @pytest.mark.parametrize(
     ("op", "key_decay"),
+    [(gated_delta_rule, False), (gated_linear_rule, False), (gated_linear_rule, True)],
+    ids=["gated_delta", "linear_per_head", "linear_per_key"],
+)
+@pytest.mark.parametrize("segment_floats", [1, 40_000])
+def test_segments_of_chunks(op, key_decay, segment_floats, monkeypatch):
+    """Long inputs run in segments of chunks: one chunk per segment, or a few."""
+    monkeypatch.setattr(chunk_module, "_SEGMENT", segment_floats)
+    x = make_inputs(200, 24, 40, torch.float64, key_decay=key_decay)
+    assert_matches(op, x, TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize(
+    ("op", "key_decay"),
     [(chunk_gated_delta_rule, False), (chunk_gated_linear_rule, False),
      (chunk_gated_linear_rule, True)],
     ids=["gated_delta", "linear_per_head", "linear_per_key"],
@@ -180,7 +194,7 @@ def test_auto_matches_reference(T):
 
 def _bad_inputs():
     x = {n: t.detach() for n, t in make_inputs(5, 8, 6, torch.float32, B=2, H=3).items()}
-    yield "q", "q must have shape", {"q": x["q"][0]}
+    yield "q", "q must be a 4-D tensor", {"q": x["q"][0]}
     yield "k", "k must have shape", {"k": x["k"][..., :4]}
     yield "v", "v must have shape", {"v": x["v"][:1]}
     yield "g", "g must have shape", {"g": x["g"][..., None].expand(2, 5, 3, 8)}  # per-key on delta

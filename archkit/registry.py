@@ -116,11 +116,7 @@ def load_plugins() -> None:
         return
     _loaded = True
     for module in BUILTIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
+        importlib.import_module(module)
     for ep in entry_points(group=PLUGIN_GROUP):
         loaded = ep.load()
         if callable(loaded):

@@ -44,8 +44,8 @@ Impl = Literal["auto", "reference", "chunk", "triton"]
 IMPLS: tuple[str, ...] = ("auto", "reference", "chunk", "triton")
 # impl="auto" runs the per-token loop up to this many tokens (e.g. one-token decode), where
 # the chunked path's fixed cost dominates; measured with `benchmarks/kernels.py --auto`.
-AUTO_REFERENCE_MAX_T = 2
-AUTO_REFERENCE_MAX_T_KEY_DECAY = 4  # per-key decay: the chunked scores cost more to set up
+AUTO_REFERENCE_MAX_T = 3
+AUTO_REFERENCE_MAX_T_KEY_DECAY = 6  # per-key decay: the chunked scores cost more to set up
 
 
 def _bad_shape(op: str, name: str, expected: str, sizes: str, got: object) -> ValueError:

@@ -184,7 +184,7 @@ def test_half_precision_computes_in_float32(impl):
     assert rel_rmse(o16.float(), o32) < 2e-2
 
 
-@pytest.mark.parametrize("T", [1, 2, 100])
+@pytest.mark.parametrize("T", [1, 3, 100])
 def test_auto_matches_reference(T):
     x = make_inputs(T, 24, 40, torch.float64)
     args = [x[n] for n in NAMES[:5]]

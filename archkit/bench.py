@@ -55,7 +55,7 @@ def measure(sleeper: SleepingModel, context: torch.Tensor, prompt: torch.Tensor,
         "kv_peak_tokens": wake.report.peak_kv_tokens,
         "kv_peak_bytes": wake.report.peak_kv_tokens * kv_per_token,
         "fast_weight_bytes": wake.report.fast_weight_bytes,
-        "params": sum(p.numel() for p in {id(p): p for p in sleeper.parameters()}.values()),
+        "params": sum(p.numel() for p in sleeper.parameters()),  # tied weights counted once
         "context_tokens": context.shape[1],
         "decode_tokens": decode_tokens,
         "threads": torch.get_num_threads(),

@@ -27,13 +27,13 @@ def model_card(model: HybridModel, window: int, sleep: SleepSpec | None = None
             "index": index,
             "block": layer.block_name,
             "mlp": layer.mlp is not None,
-            "params": _count(layer.parameters()),
+            "params": sum(p.numel() for p in layer.parameters()),
             "fast_weight_bytes": fixed,
             "kv_bytes_per_token": mixer.kv_bytes_per_token(),
             "state_bytes": fixed + mixer.kv_bytes_per_token() * window,
             "mixing_flops_per_token": mixer.mixing_flops_per_token(window),
         })
-    params = _count(model.parameters())
+    params = sum(p.numel() for p in model.parameters())  # tied weights counted once
     embedding = model.embedding.weight.numel()
     matmul_params = sum(
         m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d))
@@ -71,6 +71,3 @@ def model_card(model: HybridModel, window: int, sleep: SleepSpec | None = None
         "sleep": sleep_card,
     }
 
-
-def _count(parameters: Any) -> int:
-    return sum(p.numel() for p in {id(p): p for p in parameters}.values())

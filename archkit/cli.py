@@ -136,10 +136,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     from archkit.bench import measure
-    from archkit.model import HybridModel
-    from archkit.sleep import SleepingModel
     from archkit.tasks import get_task
-    from archkit.train import load_run_spec, load_weights
+    from archkit.train import build, load_run_spec, load_weights
 
     torch.set_num_threads(args.threads)
     overrides = parse_overrides(args.set)
@@ -148,8 +146,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if spec.sleep is None:
         raise SpecError("sleep", "a `sleep:` section is needed to measure wake latency",
                         file=args.target)
-    torch.manual_seed(spec.seed)
-    sleeper = SleepingModel(HybridModel(spec.model), spec.sleep)
+    sleeper = build(spec)
     if is_run:
         load_weights(sleeper, args.target)
     if spec.task is not None:

@@ -21,18 +21,17 @@ import torch
 
 from archkit.bench import measure
 from archkit.model import HybridModel
-from archkit.sleep import SleepingModel
 from archkit.spec import load_spec
+from archkit.train import build
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sleeper_run(spec_path: Path, passes: int, window: int, context: int, tokens: int,
-                seed: int) -> dict[str, float]:
+def sleeper_run(spec_path: Path, passes: int, window: int, context: int, tokens: int
+                ) -> dict[str, float]:
     spec = load_spec(spec_path, {"sleep.passes": passes, "sleep.window": window,
                                  "sleep.controller": "fixed", "sleep.eviction": "hard"})
-    torch.manual_seed(seed)
-    sleeper = SleepingModel(HybridModel(spec.model), spec.sleep)
+    sleeper = build(spec)
     ids = torch.randint(0, spec.model.vocab_size, (1, context + 1))
     return measure(sleeper, ids[:, :context], ids[:, context:], decode_tokens=tokens)
 
@@ -79,7 +78,7 @@ def main() -> None:
             print(f"{'full attn':>12} {context:>8} {base['wake_ms_per_token']:>12.2f} "
                   f"{'-':>13} {base['kv_peak_bytes'] / 2**20:>8.2f}Mi")
             for n in args.passes:
-                row = sleeper_run(args.spec, n, args.window, context, args.tokens, 0)
+                row = sleeper_run(args.spec, n, args.window, context, args.tokens)
                 rows[n, context] = row
                 print(f"{'sleep N=' + str(n):>12} {context:>8} {row['wake_ms_per_token']:>12.2f}"
                       f" {row['sleep_ms_per_window']:>13.1f} "

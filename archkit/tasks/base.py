@@ -36,12 +36,11 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     model_validator,
 )
 
-from archkit.registry import TASKS, RegistryError
-from archkit.spec import SpecError, from_validation_error
+from archkit.registry import TASKS
+from archkit.spec import TaskSpec
 
 Split = Literal["train", "eval"]
 Item = TypeVar("Item")
@@ -293,15 +292,8 @@ class Task(ABC):
 def get_task(name: str, **config: Any) -> Task:
     """A configured task, e.g. ``get_task("rule110", preset="cpu", steps=8)``. An unknown
     name or a bad field raises :class:`SpecError` naming ``task.name`` or ``task.<field>``."""
-    try:
-        entry = TASKS.get(name)
-    except RegistryError as err:
-        raise SpecError("task.name", str(err), name) from None
-    try:
-        validated = entry.config.model_validate(config)
-    except ValidationError as err:
-        raise from_validation_error(err, entry.config, prefix="task") from None
-    return entry.obj(validated)
+    section = TaskSpec(name=name, **config)  # validated exactly like a spec's `task:`
+    return TASKS.get(name).obj(section.config)
 
 
 def show(name: str, n: int = 3, seed: int = 0, **config: Any) -> str:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from archkit.sleep import SleepingModel
+from archkit.spec import Spec
+from archkit.tasks import get_task
 
 
 def _ms_since(start: float) -> float:
@@ -60,3 +62,18 @@ def measure(sleeper: SleepingModel, context: torch.Tensor, prompt: torch.Tensor,
         "decode_tokens": decode_tokens,
         "threads": torch.get_num_threads(),
     }
+
+
+def bench_inputs(spec: Spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """A context and a prompt to measure on: one evaluation example of the spec's task, or
+    four windows of random tokens when the spec has no task."""
+    assert spec.sleep is not None
+    if spec.task is not None:
+        task = get_task(spec.task.name, **spec.task.config.model_dump())
+        tokens, context_len = task.eval_batch(1, spec.seed).tokens, task.context_len
+    else:
+        context_len = 4 * spec.sleep.window
+        generator = torch.Generator().manual_seed(spec.seed)
+        tokens = torch.randint(0, spec.model.vocab_size, (1, context_len + 1),
+                               generator=generator)
+    return tokens[:, :context_len], tokens[:, context_len:]

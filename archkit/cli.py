@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -94,11 +95,28 @@ def cmd_blocks(args: argparse.Namespace) -> None:
         console.print(table)
 
 
+def detach(log: Path) -> None:
+    """Run this same command again in a new session, immune to the terminal closing, with
+    its output in ``log``; then return to the shell."""
+    argv = [a for a in sys.argv[1:] if a != "--background"]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        child = subprocess.Popen([sys.executable, "-m", "archkit.cli", *argv, "--no-progress"],
+                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    console.print(f"running in the background as pid {child.pid}; output in {log}. "
+                  "Stop it with kill -INT (it saves a checkpoint); run the same command "
+                  "again (with --resume for train) to continue.")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from archkit.train import TrainingDiverged, train
 
     spec = load_spec(args.spec, parse_overrides(args.set))
     run_dir = args.runs / (args.name or spec.name)
+    if args.background:
+        detach(run_dir.with_name(run_dir.name + ".log"))
+        return
     try:
         result = train(spec, run_dir, resume=args.resume, progress=not args.no_progress)
     except TrainingDiverged as err:
@@ -135,8 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
-    from archkit.bench import measure
-    from archkit.tasks import get_task
+    from archkit.bench import bench_inputs, measure
     from archkit.train import build, load_run_spec, load_weights
 
     torch.set_num_threads(args.threads)
@@ -149,14 +166,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     sleeper = build(spec)
     if is_run:
         load_weights(sleeper, args.target)
-    if spec.task is not None:
-        task = get_task(spec.task.name, **spec.task.config.model_dump())
-        tokens, context_len = task.eval_batch(1, spec.seed).tokens, task.context_len
-    else:
-        context_len = 4 * spec.sleep.window
-        tokens = torch.randint(0, spec.model.vocab_size, (1, context_len + 1))
-    figures = measure(sleeper, tokens[:, :context_len], tokens[:, context_len:],
-                      decode_tokens=args.decode)
+    figures = measure(sleeper, *bench_inputs(spec), decode_tokens=args.decode)
     if args.json:
         print(json.dumps(figures, indent=2))
         return
@@ -167,6 +177,70 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for key, value in figures.items():
         table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else f"{value:,}")
     console.print(table)
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    from archkit.experiment import load_experiment, run_experiment
+
+    experiment = load_experiment(args.experiment)
+    root = args.runs / experiment.name
+    if args.background:
+        detach(root.with_name(root.name + ".log"))
+        return
+    try:
+        run_experiment(experiment, args.runs, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"archkit: interrupted; finished runs are kept in {root}. Run the same command "
+              "again to resume.", file=sys.stderr)
+        sys.exit(130)
+    console.print((root / "report.md").read_text())
+    console.print(f"written: {root / 'report.md'}, {root / 'report.png'}, "
+                  f"{root / 'summary.json'}; tensorboard --logdir {root / 'runs'}")
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from archkit.search import load_space, run_search
+
+    space = load_space(args.space)
+    if args.background:
+        detach(args.runs / f"{space.name}.log")
+        return
+    if args.workers > 1 and args.backend == "ray":
+        raise SpecError("--workers", "Ray Tune runs as many trials at once as the cluster's "
+                        "CPUs allow; --workers is for the optuna backend", args.workers)
+    try:
+        run_search(space, args.runs, args.backend, args.workers, args.address,
+                   progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"archkit: interrupted; finished trials are kept in {args.runs / space.name}. "
+              f"Run the same command again to resume.", file=sys.stderr)
+        sys.exit(130)
+    _print_front(args.runs / space.name)
+
+
+def cmd_pareto(args: argparse.Namespace) -> None:
+    from archkit.search import load_search
+    from archkit.search.pareto import write_reports
+
+    space, results = load_search(args.run)
+    write_reports(args.run, results, space.metrics, space.directions)
+    _print_front(args.run)
+
+
+def _print_front(root: Path) -> None:
+    from archkit.search import front_table, load_search
+
+    space, results = load_search(root)
+    states = {s: sum(r["state"] == s for r in results) for s in ("complete", "failed", "stopped")}
+    console.print(front_table(results, space.metrics, space.directions,
+                              f"{space.name}: Pareto front"))
+    console.print(", ".join(f"{n} {s}" for s, n in states.items() if n) or "no finished trials")
+    for r in results:
+        if r["state"] == "failed":
+            console.print(f"  trial {r['trial']} failed: {r['reason']}")
+    written = [name for name in ("pareto.csv", "pareto.png") if (root / name).exists()]
+    console.print(f"written: {', '.join(str(root / n) for n in written)}; "
+                  f"tensorboard --logdir {root}")
 
 
 def cmd_tasks_show(args: argparse.Namespace) -> None:
@@ -244,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run's checkpoint")
     train.add_argument("--runs", type=Path, default=Path("runs"), help="runs directory")
     train.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    train.add_argument("--background", action="store_true",
+                       help="detach from the terminal; output in RUNS/NAME.log")
     add_set(train)
     train.set_defaults(handler=cmd_train)
 
@@ -263,6 +339,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decode", type=_positive_int, default=32, help="decode steps timed")
     add_set(bench)
     bench.set_defaults(handler=cmd_bench)
+
+    search = commands.add_parser("search", help="search a space for the Pareto front")
+    search.add_argument("space", type=Path, help="a search-space YAML, e.g. "
+                                                 "search_spaces/sleep_n.yaml")
+    search.add_argument("--backend", choices=["optuna", "ray"], default="optuna",
+                        help="optuna: embedded, on-disk study (default); ray: Ray Tune")
+    search.add_argument("--workers", type=_positive_int, default=1,
+                        help="local worker processes (optuna backend)")
+    search.add_argument("--address", help="Ray cluster address, e.g. auto (ray backend)")
+    search.add_argument("--runs", type=Path, default=Path("runs"), help="runs directory")
+    search.add_argument("--no-progress", action="store_true", help="no live progress bars")
+    search.add_argument("--background", action="store_true",
+                        help="detach from the terminal; output in RUNS/NAME.log")
+    search.set_defaults(handler=cmd_search)
+
+    experiment = commands.add_parser(
+        "experiment", help="train arms that differ in sleep passes, over seeds; report")
+    experiment.add_argument("experiment", type=Path, help="an experiment YAML, e.g. "
+                                                          "experiments/sleep_passes.yaml")
+    experiment.add_argument("--runs", type=Path, default=Path("runs"), help="runs directory")
+    experiment.add_argument("--no-progress", action="store_true", help="no live progress bars")
+    experiment.add_argument("--background", action="store_true",
+                            help="detach from the terminal; output in RUNS/NAME.log")
+    experiment.set_defaults(handler=cmd_experiment)
+
+    pareto = commands.add_parser("pareto", help="a search's front: table, pareto.csv, .png")
+    pareto.add_argument("run", type=Path, help="a search directory, e.g. runs/sleep_n")
+    pareto.set_defaults(handler=cmd_pareto)
 
     tasks = commands.add_parser("tasks", help="look at the tasks").add_subparsers(
         dest="tasks_command", required=True, metavar="ACTION")

@@ -13,6 +13,10 @@ is read in one ordinary pass per token ("wake"); when a wake window fills, the m
 sleeps on it the same way before reading on, so memory stays bounded by L. Wake cost
 does not depend on N: the passes happen before the question is read.
 
+The residual stream is fed back un-normalised unless ``sleep.pass_norm: rms``, which
+rescales h before passes 2..N to the per-token RMS it had entering pass 1 (so N = 1 is
+unchanged and every pass starts at the same scale, however much a pass grew h).
+
 Within a pass, each looping block starts from its state *before* the window with its
 persistent memory replaced by the latest (``Block.rewind``): attention rebuilds its KV
 from the current h, fast weights keep accumulating.
@@ -34,6 +38,10 @@ from archkit.blocks.common import FastWeightBlock, FastWeightState, KVCache, map
 from archkit.model import HybridModel, ModelState
 from archkit.sleep_controllers import SleepController, make_controller
 from archkit.spec import SleepSpec
+
+
+def _rms(h: Tensor) -> Tensor:
+    return h.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()
 
 
 @dataclass
@@ -124,10 +132,13 @@ class SleepingModel(nn.Module):
         with torch.set_grad_enabled(grad), self.asleep():
             h, state = model.run_layers(model.embed(window), state, self.pre)
             before, passes = state, 0
+            entry_rms = _rms(h) if sleep.pass_norm == "rms" else None
             while passes < max_passes:
                 if passes > 0:
                     state = [model.layers[i].mixer.rewind(before[i], state[i])
                              if i in self.loop else state[i] for i in range(len(state))]
+                    if entry_rms is not None:
+                        h = h * (entry_rms / _rms(h))
                 if sleep.backprop == "last_k" and passes == max_passes - sleep.last_k > 0:
                     h, state = h.detach(), [map_state(s, Tensor.detach) for s in state]
                 previous = [s.weights for s in self._fast(state)]

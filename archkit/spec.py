@@ -116,6 +116,9 @@ class SleepSpec(StrictModel):
     backprop: Literal["full", "last_k", "none"] = "full"
     last_k: PositiveInt = Field(1, description="passes that get gradient with last_k")
     checkpoint: bool = Field(False, description="recompute each pass in the backward pass")
+    pass_norm: Literal["none", "rms"] = Field(
+        "none", description="rms: each pass after the first starts from hidden states "
+                            "rescaled to the per-token RMS they had when the first began")
     _controller: BaseModel | None = PrivateAttr(None)
 
     def model_post_init(self, _context: Any) -> None:
@@ -173,6 +176,13 @@ def _plugin_config(section: BaseModel, registry: Registry, prefix: str, key: str
         raise problem from None
 
 
+class CurriculumStage(StrictModel):
+    """``steps`` training steps on the task with ``task`` overriding its settings."""
+
+    steps: PositiveInt
+    task: dict[str, Any] = Field(description="task settings for these steps, over `task:`")
+
+
 class TrainSpec(StrictModel):
     """Optimisation and evaluation of one training run (``archkit train``)."""
 
@@ -196,6 +206,14 @@ class TrainSpec(StrictModel):
     log_every: PositiveInt = 10
     threads: PositiveInt | None = Field(None, description="torch CPU threads (default: all)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    curriculum: list[CurriculumStage] = Field(
+        default_factory=list, description="stages trained in order before the task itself")
+
+    def model_post_init(self, _context: Any) -> None:
+        staged = sum(stage.steps for stage in self.curriculum)
+        if staged > self.steps:
+            raise SpecError("train.curriculum", f"stages of at most train.steps={self.steps} "
+                            "steps in all", staged)
 
 
 class Spec(StrictModel):
@@ -205,6 +223,7 @@ class Spec(StrictModel):
     sleep: SleepSpec | None = None
     task: TaskSpec | None = None
     train: TrainSpec | None = None
+    _curriculum: list[TaskSpec] = PrivateAttr(default_factory=list)
 
     def model_post_init(self, _context: Any) -> None:
         if self.task is not None:
@@ -212,11 +231,50 @@ class Spec(StrictModel):
             if self.model.vocab_size < vocab:
                 raise SpecError("model.vocab_size", f"at least the vocabulary of task "
                                 f"{self.task.name!r} ({vocab} tokens)", self.model.vocab_size)
+        self._curriculum = self._stage_tasks()
         n_layers = len(self.model.resolved_layers)
         if self.sleep is not None and self.sleep.layers != "all" and \
                 self.sleep.layers[1] >= n_layers:
             raise SpecError("sleep.layers", f"layer indices within 0..{n_layers - 1}",
                             list(self.sleep.layers))
+
+    @property
+    def curriculum_tasks(self) -> list[TaskSpec]:
+        """The task of each ``train.curriculum`` stage: ``task:`` with the stage's settings."""
+        return self._curriculum
+
+    def _stage_tasks(self) -> list[TaskSpec]:
+        if self.train is None or not self.train.curriculum:
+            return []
+        if self.task is None:
+            raise SpecError("train.curriculum", "a `task:` section for the stages to adjust")
+        full = TASKS.get(self.task.name).obj(self.task.config)
+        tasks = []
+        for i, stage in enumerate(self.train.curriculum):
+            where = f"train.curriculum[{i}].task"
+            if "name" in stage.task:
+                raise SpecError(f"{where}.name", "no task name: a stage changes the settings "
+                                "of `task:`, not which task it is", stage.task["name"])
+            try:
+                section = TaskSpec(name=self.task.name, **{**(self.task.model_extra or {}),
+                                                           **stage.task})
+            except SpecError as err:
+                raise SpecError(where + err.path.removeprefix("task"), err.expected,
+                                err.value) from None
+            vocab = TASKS.get(self.task.name).obj(section.config).vocab
+            # The model learns one embedding per id, so an id must mean one token in every
+            # stage: one vocabulary has to extend the other.
+            pairs = enumerate(zip(vocab, full.vocab, strict=False))
+            clash = next((j for j, (a, b) in pairs if a != b), None)
+            if clash is not None:
+                raise SpecError(where, "settings under which every token keeps its id in the "
+                                f"task's vocabulary (id {clash} would be {vocab[clash]!r}, "
+                                f"not {full.vocab[clash]!r})", stage.task)
+            if len(vocab) > self.model.vocab_size:
+                raise SpecError("model.vocab_size", f"at least the vocabulary of curriculum "
+                                f"stage {i} ({len(vocab)} tokens)", self.model.vocab_size)
+            tasks.append(section)
+        return tasks
 
 
 def _entry(where: str, item: str | LayerEntry) -> tuple[str, LayerEntry]:
@@ -348,12 +406,8 @@ def apply_dotted(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[
     return result
 
 
-def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML mapping, resolving ``extends`` chains and dotted keys."""
-    path = Path(path)
-    if path.resolve() in _seen:
-        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
-        raise SpecError("extends", f"circular extends chain: {chain}", file=path)
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """One YAML file as a mapping, or a SpecError naming the file."""
     try:
         text = path.read_text()
     except OSError as err:
@@ -367,6 +421,16 @@ def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, 
     if not isinstance(data, dict):
         raise SpecError("", "the file must hold a mapping of keys", type(data).__name__,
                         file=path)
+    return data
+
+
+def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping, resolving ``extends`` chains and dotted keys."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+        raise SpecError("extends", f"circular extends chain: {chain}", file=path)
+    data = read_yaml_mapping(path)
     dotted = {k: v for k, v in data.items() if isinstance(k, str) and "." in k}
     plain = {k: v for k, v in data.items() if k not in dotted and k != "extends"}
     if "extends" in data:

@@ -44,8 +44,9 @@ def score_table(score: Score, title: str, difficulty_name: str = "difficulty") -
 
 class TrainLogger:
     def __init__(self, run_dir: Path, spec: Spec, total_steps: int, start_step: int,
-                 progress: bool, log_every: int = 1) -> None:
+                 progress: bool, log_every: int = 1, log_hparams: bool = True) -> None:
         self.run_dir, self.spec, self.log_every = run_dir, spec, log_every
+        self.log_hparams = log_hparams
         self.metrics_path = run_dir / "metrics.jsonl"
         self._truncate_after(start_step)
         self.writer = SummaryWriter(str(run_dir), purge_step=start_step or None)
@@ -77,7 +78,7 @@ class TrainLogger:
             f.write(json.dumps(record) + "\n")
 
     def step(self, step: int, loss: float, grad_norm: float, lrs: list[float],
-             tokens_per_s: float, passes: list[int]) -> None:
+             tokens_per_s: float, passes: list[int], stage: int | None = None) -> None:
         self.progress.update(self.bar, completed=step, loss=f"{loss:.4f}",
                              tps=f"{tokens_per_s:,.0f}")
         if step % self.log_every:
@@ -85,6 +86,8 @@ class TrainLogger:
         scalars = {"loss/train": loss, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                    "sleep/passes_mean": statistics.fmean(passes) if passes else 0.0}
         scalars.update({f"lr/group_{i}": lr for i, lr in enumerate(lrs)})
+        if stage is not None:
+            scalars["curriculum/stage"] = stage
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
         self._record({"step": step, "kind": "train", **scalars})
@@ -103,8 +106,9 @@ class TrainLogger:
         if score is not None:
             metrics = {"final/exact": score.overall.exact, "final/per_answer": score.overall.token,
                        "final/eval_loss": eval_loss or 0.0}
-            self.writer.add_hparams(flatten(self.spec.model_dump(mode="json")), metrics,
-                                    run_name=".")
+            if self.log_hparams:
+                self.writer.add_hparams(flatten(self.spec.model_dump(mode="json")), metrics,
+                                        run_name=".")
             final = {"exact": score.overall.exact, "per_answer": score.overall.token,
                      "eval_loss": eval_loss,
                      **{k: v for k, v in score.metrics().items() if "/" in k}}

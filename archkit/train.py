@@ -8,6 +8,8 @@ optimiser, scheduler and RNG state) and ``final.json``. Batches are a pure funct
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
 import shutil
@@ -56,6 +58,16 @@ def require(spec: Spec) -> tuple[TrainSpec, Task]:
             raise SpecError(section, f"a `{section}:` section is needed to train")
     assert spec.train is not None and spec.task is not None
     return spec.train, get_task(spec.task.name, **spec.task.config.model_dump())
+
+
+def curriculum(spec: Spec, task: Task) -> tuple[list[int], list[Task]]:
+    """The step at which each ``train.curriculum`` stage ends, and the tasks to draw
+    training batches from: one per stage, then ``task``. Step s trains on
+    ``tasks[bisect.bisect_right(ends, s)]``."""
+    assert spec.train is not None
+    ends = list(itertools.accumulate(stage.steps for stage in spec.train.curriculum))
+    stages = [get_task(t.name, **t.config.model_dump()) for t in spec.curriculum_tasks]
+    return ends, [*stages, task]
 
 
 def build(spec: Spec) -> SleepingModel:
@@ -158,10 +170,14 @@ def load_weights(sleeper: SleepingModel, run_dir: Path) -> None:
 
 
 def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True,
-          on_step: Callable[[int, float, SleepingModel], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, float, SleepingModel], None] | None = None,
+          on_eval: Callable[[int, Score], None] | None = None, log_hparams: bool = True
+          ) -> TrainResult:
     """Train ``spec`` into ``run_dir``. Ctrl-C (KeyboardInterrupt) saves a checkpoint and
     returns with ``interrupted=True``; ``resume`` continues from the checkpoint exactly.
-    ``on_step(step, loss, model)`` runs after every optimiser step."""
+    ``on_step(step, loss, model)`` runs after every optimiser step, ``on_eval(step, score)``
+    after every evaluation (``step`` counts finished steps). ``log_hparams=False`` leaves the
+    TensorBoard hparams entry to the caller (a search writes its own, per trial)."""
     train_spec, task = require(spec)
     if train_spec.threads:
         torch.set_num_threads(train_spec.threads)
@@ -188,15 +204,18 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
         if state["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         start = state["step"]
+    stage_ends, stage_tasks = curriculum(spec, task)
     eval_batch = task.eval_batch(train_spec.eval_size, spec.seed)
-    logger = TrainLogger(run_dir, spec, train_spec.steps, start, progress, train_spec.log_every)
+    logger = TrainLogger(run_dir, spec, train_spec.steps, start, progress, train_spec.log_every,
+                         log_hparams)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     losses: dict[int, float] = {}
     step, last_eval = start, None
     try:
         while step < train_spec.steps:
             tick = time.perf_counter()
-            batch = task.train_batch(step, train_spec.batch_size, spec.seed)
+            stage = bisect.bisect_right(stage_ends, step)
+            batch = stage_tasks[stage].train_batch(step, train_spec.batch_size, spec.seed)
             with autocast:
                 out = sleeper(batch.tokens.to(device), batch.context_len,
                               batch.loss_mask.to(device))
@@ -220,12 +239,14 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
             losses[step - 1] = loss
             tokens = batch.tokens.numel() / (time.perf_counter() - tick)
             logger.step(step, loss, grad_norm, [s.get_last_lr()[0] for s in schedulers],
-                        tokens, out.report.passes)
+                        tokens, out.report.passes, stage if stage_ends else None)
             if on_step is not None:
                 on_step(step - 1, loss, sleeper)
             if step % train_spec.eval_every == 0 or step == train_spec.steps:
                 last_eval = (step, *evaluate(sleeper, task, eval_batch, train_spec.batch_size))
                 logger.evaluation(*last_eval)
+                if on_eval is not None:
+                    on_eval(step, last_eval[1])
                 target = train_spec.target_accuracy
                 if target and last_eval[1].overall.exact >= target:
                     save_checkpoint(run_dir, spec, sleeper, step, optimizers, schedulers)

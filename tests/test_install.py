@@ -24,7 +24,7 @@ def test_wheel_installs_the_mapped_packages(tmp_path: Path) -> None:
         check=True, capture_output=True,
     )
     probe = (
-        "import archkit, archkit.blocks, archkit.kernels, archkit.tasks\n"
+        "import archkit, archkit.blocks, archkit.kernels, archkit.tasks, archkit.search\n"
         "from archkit.registry import BLOCKS, RULES\n"
         "print(archkit.__file__); print(archkit.blocks.__file__); print(archkit.kernels.__file__)\n"
         "print(','.join(BLOCKS.names())); print(','.join(RULES.names()))\n"

@@ -12,7 +12,7 @@ import torch
 
 from archkit.blocks.common import FastWeightState, KVCache
 from archkit.model import HybridModel
-from archkit.sleep import SleepingModel
+from archkit.sleep import SleepingModel, SleepReport
 from archkit.spec import SpecError, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,6 +151,30 @@ def test_last_k_truncates_earlier_passes_and_none_cuts_sleep() -> None:
     whole = build(False, passes=2, backprop="last_k", last_k=2)
     assert first_window_embedding_grad(whole).abs().sum() > 0
     assert first_window_embedding_grad(build(False, passes=2, backprop="none")).abs().sum() == 0
+
+
+def test_pass_norm_rescales_each_later_pass_to_the_first_pass_scale() -> None:
+    tokens, mask, context = batch()
+    plain, normed = build(passes=1), build(passes=1, pass_norm="rms")
+    torch.testing.assert_close(plain(tokens, context, mask).logits,
+                               normed(tokens, context, mask).logits, rtol=0, atol=0)
+    sleeper = build(passes=3, pass_norm="rms")
+    entries: list[torch.Tensor] = []
+    first_loop_layer = sleeper.model.layers[sleeper.loop.start]
+    handle = first_loop_layer.register_forward_pre_hook(
+        lambda _module, args: entries.append(args[0].detach()))
+    window = tokens[:, :L]
+    sleeper.consolidate(window, sleeper.model.init_state(2), 0, 1,
+                        SleepReport())
+    handle.remove()
+    assert len(entries) == 3
+    rms = [e.pow(2).mean(-1).sqrt() for e in entries]
+    torch.testing.assert_close(rms[1], rms[0], rtol=1e-8, atol=0)
+    torch.testing.assert_close(rms[2], rms[0], rtol=1e-8, atol=0)
+    unnormed = build(passes=3)
+    assert not torch.allclose(sleeper(tokens, context, mask).logits,
+                              unnormed(tokens, context, mask).logits)
+    assert first_window_embedding_grad(build(False, passes=2, pass_norm="rms")).abs().sum() > 0
 
 
 def test_checkpointing_gives_the_same_gradients() -> None:

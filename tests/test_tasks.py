@@ -164,6 +164,7 @@ def test_user_values_override_the_preset() -> None:
         ("depo", {"context_len": 40}, "task.context_len"),
         ("gsm_infinite", {"context_tokens": 50}, "task.context_tokens"),
         ("gsm_infinite", {"rendering": "poem"}, "task.rendering"),
+        ("gsm_infinite", {"ops": [-1, 2]}, "task.ops[0]"),
         ("mqar", {"keys": 4}, "task.keys"),
         ("no_such_task", {}, "task.name"),
     ],
@@ -333,6 +334,29 @@ def test_gsm_symbolic_statements_evaluate_to_the_answer(preset: str) -> None:
         assert prediction[:2] == ["answer", ":"]
         assert answers == [*str(value), "<eos>"] and example.answer == value
         assert text.startswith(example.question) and body == example.context
+
+
+def test_gsm_zero_ops_is_a_lookup_of_one_constant() -> None:
+    task = get_task("gsm_infinite", ops=[0, 1], context_tokens=[24, 32], names=40)
+    batch = task.sample(32, seed=3)
+    assert set(batch.difficulty.tolist()) == {0, 1}
+    for i, example in enumerate(batch.examples):
+        context, _, answers = split_batch(task, batch, i)
+        text = task.decode([task.ids[w] for w in context])
+        question = re.match(r"what is (v\d+) \? ", text)
+        assert question
+        definitions = {m[1]: (m[2], m[3], m[4]) for m in STATEMENT.finditer(text)}
+        needed: set[str] = set()
+        assert evaluate(definitions, question[1], needed) == example.answer
+        assert answers == [*str(example.answer), "<eos>"]
+        if example.ops == 0:
+            assert needed == {question[1]}
+            assert definitions[question[1]] == (str(example.answer), None, None)
+    lookups = get_task("gsm_infinite", ops=0, max_value=2, context_tokens=[16, 20], names=16)
+    held_out = {e.graph for e in lookups.eval_batch(100).examples}
+    trained = {e.graph for step in range(8) for e in lookups.train_batch(step, 100).examples}
+    assert held_out and not held_out & trained
+    assert len(held_out) + len(trained) == 16 * 3  # every name with every value
 
 
 WHO, WHAT = r"(?P<who>\w+)", r"(?P<what>\w+)"

@@ -47,19 +47,25 @@ def test_a_few_steps_lower_the_loss_and_repeat_exactly(tmp_path: Path) -> None:
     assert first.final is not None and 0 <= first.final.overall.exact <= 1
 
 
+def interrupted_and_resumed(spec: Spec, run_dir: Path, cut_after: int) -> dict[int, float]:
+    """Train ``spec`` with a Ctrl-C after step ``cut_after``, resume it, and return the
+    losses of both parts."""
+    def interrupt(step: int, loss: float, sleeper: SleepingModel) -> None:
+        if step == cut_after:
+            raise KeyboardInterrupt
+
+    cut = train(spec, run_dir, progress=False, on_step=interrupt)
+    assert cut.interrupted and max(cut.losses) == cut_after
+    rest = train(spec, run_dir, resume=True, progress=False)
+    assert min(rest.losses) == cut_after + 1
+    return {**cut.losses, **rest.losses}
+
+
 def test_resume_after_interruption_reproduces_the_uninterrupted_losses(tmp_path: Path) -> None:
     spec = tiny_spec()
     whole = train(spec, tmp_path / "whole", progress=False)
-
-    def interrupt(step: int, loss: float, sleeper: SleepingModel) -> None:
-        if step == 6:  # after a checkpoint at 4: the interruption itself must save step 7
-            raise KeyboardInterrupt
-
-    cut = train(spec, tmp_path / "cut", progress=False, on_step=interrupt)
-    assert cut.interrupted and max(cut.losses) == 6
-    rest = train(spec, tmp_path / "cut", resume=True, progress=False)
-    assert min(rest.losses) == 7
-    assert {**cut.losses, **rest.losses} == whole.losses
+    # after a checkpoint at 4: the interruption itself must save step 7
+    assert interrupted_and_resumed(spec, tmp_path / "cut", 6) == whole.losses
     records = [json.loads(line) for line in (tmp_path / "cut/metrics.jsonl").open()]
     steps = [r["step"] for r in records if r["kind"] == "train"]
     assert steps == sorted(set(steps)) == list(range(1, 13))

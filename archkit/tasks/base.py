@@ -66,6 +66,13 @@ IntRange = Annotated[
 ]
 """An inclusive range ``[low, high]``; a single number ``t`` means ``[t, t]``."""
 
+CountRange = Annotated[
+    tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]],
+    BeforeValidator(_widen),
+    AfterValidator(_ordered),
+]
+"""An :data:`IntRange` of counts that may be 0."""
+
 
 class TaskConfig(BaseModel):
     """Base of every task config. Field defaults are the ``cpu`` preset; ``paper_preset``

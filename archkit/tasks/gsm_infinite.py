@@ -40,7 +40,7 @@ from pydantic import Field, model_validator
 
 from archkit.registry import register_task
 from archkit.spec import SpecError
-from archkit.tasks.base import IntRange, Split, Task, TaskConfig, draw_in_split
+from archkit.tasks.base import CountRange, IntRange, Split, Task, TaskConfig, draw_in_split
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Rendering = Literal["symbolic", "story"]
@@ -129,7 +129,9 @@ def longest_statement(rendering: Rendering, max_value: int) -> int:
 
 
 class GsmInfiniteConfig(TaskConfig):
-    ops: IntRange = Field((1, 4), description="operations the question needs, drawn uniformly")
+    ops: CountRange = Field(
+        (1, 4), description="operations the question needs, drawn uniformly (0: a lookup)"
+    )
     context_tokens: IntRange = Field(
         (128, 160), description="problem length in tokens (question + statements)"
     )

@@ -1,0 +1,153 @@
+"""Pareto fronts of finished trials: the table, ``pareto.csv``, ``pareto.png`` and the
+TensorBoard view under ``runs/<name>/front``.
+
+A trial is on the front when no other complete trial is at least as good on every
+objective and strictly better on one. Equal points do not dominate each other, so ties
+are all kept. Only complete trials compete: a failed trial has no values, and a trial that
+an early-stopping scheduler stopped has only partial ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from rich.table import Table
+from torch.utils.tensorboard import SummaryWriter
+
+
+def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
+    """``a`` is at least as good as ``b`` everywhere and strictly better somewhere."""
+    sign = [1.0 if d == "maximize" else -1.0 for d in directions]
+    better_or_equal = all(s * x >= s * y for s, x, y in zip(sign, a, b, strict=True))
+    return better_or_equal and any(s * x > s * y for s, x, y in zip(sign, a, b, strict=True))
+
+
+def pareto_front(points: Sequence[Sequence[float]], directions: Sequence[str]) -> list[int]:
+    """Indices of the non-dominated points, in input order."""
+    return [i for i, p in enumerate(points)
+            if not any(dominates(q, p, directions) for j, q in enumerate(points) if j != i)]
+
+
+def competing(results: list[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """The trials that may enter the front: complete, with a value for every objective."""
+    return [r for r in results
+            if r["state"] == "complete" and all(m in r["metrics"] for m in metrics)]
+
+
+def front_of(results: list[dict[str, Any]], metrics: Sequence[str], directions: Sequence[str]
+             ) -> list[dict[str, Any]]:
+    candidates = competing(results, metrics)
+    points = [[r["metrics"][m] for m in metrics] for r in candidates]
+    return [candidates[i] for i in pareto_front(points, directions)]
+
+
+def varying_params(results: list[dict[str, Any]]) -> list[str]:
+    """The parameters whose values differ between the given trials."""
+    keys = sorted({k for r in results for k in r["params"]})
+    return [k for k in keys if len({repr(r["params"].get(k)) for r in results}) > 1] or keys
+
+
+def front_table(results: list[dict[str, Any]], metrics: Sequence[str],
+                directions: Sequence[str], title: str) -> Table:
+    front = front_of(results, metrics, directions)
+    table = Table(title=title, title_justify="left")
+    params = varying_params(front) if front else []
+    for column in ["trial", *params, *metrics, "latency spread", "params (count)"]:
+        table.add_column(column, justify="right")
+    for r in sorted(front, key=lambda r: r["metrics"][metrics[-1]]):
+        values = [_fmt(r["metrics"][m]) for m in metrics]
+        table.add_row(r["trial"], *(_fmt(r["params"].get(k)) for k in params), *values,
+                      f"{r['metrics'].get('wake_ms_spread', 0.0):.0%}",
+                      f"{r['metrics'].get('params', 0):,}")
+    return table
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_reports(root: Path, results: list[dict[str, Any]], metrics: Sequence[str],
+                  directions: Sequence[str]) -> list[dict[str, Any]]:
+    """Write ``pareto.csv`` (every complete trial, front first), ``pareto.png`` and the
+    TensorBoard front; return the front."""
+    candidates = competing(results, metrics)
+    front = front_of(results, metrics, directions)
+    on_front = {r["trial"] for r in front}
+    params = sorted({k for r in candidates for k in r["params"]})
+    extra = ["wake_ms_spread", "params"]
+    with open(root / "pareto.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["trial", "on_front", *params, *metrics,
+                         *(e for e in extra if e not in metrics)])
+        for r in sorted(candidates, key=lambda r: r["trial"] not in on_front):
+            writer.writerow([r["trial"], r["trial"] in on_front,
+                             *(r["params"].get(k) for k in params),
+                             *(r["metrics"][m] for m in metrics),
+                             *(r["metrics"].get(e) for e in extra if e not in metrics)])
+    if len(metrics) >= 2 and candidates:
+        figure = plot_front(candidates, on_front, metrics, directions)
+        figure.savefig(root / "pareto.png", dpi=120, bbox_inches="tight")
+        board = root / "front"
+        shutil.rmtree(board, ignore_errors=True)  # the front is redrawn whole, never appended
+        with SummaryWriter(str(board)) as writer:
+            writer.add_figure("pareto/front", figure, global_step=len(candidates))
+            _scalar_scatter(writer, candidates, front, metrics)
+    return front
+
+
+def plot_front(candidates: list[dict[str, Any]], on_front: set[str], metrics: Sequence[str],
+               directions: Sequence[str]) -> Figure:
+    """The second objective (x) against the first (y), the front highlighted; each point
+    labelled by its sleep passes and layer pattern. Latency carries its repeat range."""
+    y_metric, x_metric = metrics[0], metrics[1]
+    figure = Figure(figsize=(6.4, 4.4))
+    ax = figure.subplots()
+    for group, style in ((False, {"color": "0.65", "label": "dominated"}),
+                         (True, {"color": "tab:red", "label": "Pareto front"})):
+        members = [r for r in candidates if (r["trial"] in on_front) == group]
+        if not members:
+            continue
+        xs = [r["metrics"][x_metric] for r in members]
+        ys = [r["metrics"][y_metric] for r in members]
+        if x_metric == "wake_ms_per_token":
+            err = [[x - r["metrics"].get("wake_ms_min", x) for x, r in zip(xs, members,
+                                                                          strict=True)],
+                   [r["metrics"].get("wake_ms_max", x) - x for x, r in zip(xs, members,
+                                                                          strict=True)]]
+            ax.errorbar(xs, ys, xerr=err, fmt="o", capsize=3, **style)
+        else:
+            ax.scatter(xs, ys, **style)
+        for x, y, r in zip(xs, ys, members, strict=True):
+            name = r.get("label", {})
+            text = f"N={name.get('passes', '?')} {name.get('pattern', '')}".strip()
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    front = sorted((r for r in candidates if r["trial"] in on_front),
+                   key=lambda r: r["metrics"][x_metric])
+    ax.plot([r["metrics"][x_metric] for r in front], [r["metrics"][y_metric] for r in front],
+            color="tab:red", alpha=0.4)
+    ax.set_xlabel(f"{x_metric} ({directions[1]})")
+    ax.set_ylabel(f"{y_metric} ({directions[0]})")
+    extra = f"; front over all {len(metrics)} objectives" if len(metrics) > 2 else ""
+    ax.set_title(f"{len(candidates)} complete trials, {len(front)} on the front{extra}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return figure
+
+
+def _scalar_scatter(writer: SummaryWriter, candidates: list[dict[str, Any]],
+                    front: list[dict[str, Any]], metrics: Sequence[str]) -> None:
+    """Objective 1 against objective 2 as TensorBoard scalars: the x value (in thousandths,
+    so that milliseconds become integer microseconds) is the step."""
+    y_metric, x_metric = metrics[0], metrics[1]
+    for tag, members in (("trials", candidates), ("front", front)):
+        for r in sorted(members, key=lambda r: r["metrics"][x_metric]):
+            step = round(r["metrics"][x_metric] * 1000)
+            writer.add_scalar(f"pareto/{tag}_{y_metric}_by_{x_metric}_x1000",
+                              r["metrics"][y_metric], step)

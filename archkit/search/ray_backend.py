@@ -1,0 +1,146 @@
+"""The distributed backend: the same space and objectives through Ray Tune.
+
+``ray.tune.Tuner`` runs one function trial per sampled configuration, with Optuna
+(``OptunaSearch``, the sampler from the YAML) proposing them and ``threads`` CPUs reserved
+per trial. Tune's own experiment state lives in ``runs/<name>/ray`` and the trial runs in
+``runs/<name>/trials/ray_<id>``, so ``archkit pareto`` reads both backends alike. Running
+the command again restores the experiment (``Tuner.restore``): finished trials are kept and
+unfinished ones resume from their own checkpoints.
+
+With a single objective, ``ray.asha`` adds ASHA early stopping on the evaluations a trial
+reports while it trains. Tune hands Optuna a stopped trial's last, partial values; such a
+trial is recorded here as ``stopped`` and never enters the Pareto front.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+from rich.console import Console
+
+from archkit.search.optuna_backend import trial_line
+from archkit.search.pareto import write_reports
+from archkit.search.space import SearchSpace
+from archkit.search.trial import RESULT, load_results, run_trial
+
+console = Console()
+
+
+def _trainable(config: dict[str, Any], space_json: str, root: str, threads: int) -> None:
+    space = SearchSpace.model_validate_json(space_json)
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = Path(root) / "trials" / f"ray_{trial_id}"
+    params = {key: config[key] for key in space.params}
+
+    def report(metrics: dict[str, float], final: bool) -> None:
+        tune.report({**metrics, "final": final})
+
+    record = run_trial(space, params, run_dir, f"ray_{trial_id}", threads, report=report)
+    if record["state"] != "complete":
+        raise RuntimeError(record["reason"])
+
+
+def run_ray(space: SearchSpace, root: Path, address: str | None,
+            deadline_s: float | None) -> None:
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter honours verbose=0
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    threads = space.threads or 1
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 num_cpus=None if address else os.cpu_count())
+    try:
+        _fit(space, root, threads, deadline_s)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _fit(space: SearchSpace, root: Path, threads: int, deadline_s: float | None) -> None:
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, space_json=space.model_dump_json(by_alias=True),
+                             root=str(root.resolve()), threads=threads),
+        {"cpu": threads})
+    experiment = root.resolve() / "ray"
+    if tune.Tuner.can_restore(str(experiment)):
+        console.print(f"resuming the Ray Tune experiment in {experiment}")
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True)
+    else:
+        run_config = tune.RunConfig(name="ray", storage_path=str(root.resolve()), verbose=0,
+                                    callbacks=[Reporter(space, root)])
+        tuner = tune.Tuner(trainable, tune_config=_tune_config(space, deadline_s),
+                           run_config=run_config)
+    tuner.fit()
+
+
+def _tune_config(space: SearchSpace, deadline_s: float | None) -> tune.TuneConfig:
+    modes = ["max" if d == "maximize" else "min" for d in space.directions]
+    single = len(space.metrics) == 1
+    search = OptunaSearch(space=space.suggest, metric=space.metrics[0] if single else space.metrics,
+                          mode=modes[0] if single else modes, sampler=space.make_sampler())
+    scheduler = None
+    if space.ray.asha is not None:
+        scheduler = ASHAScheduler(metric=space.metrics[0], mode=modes[0],
+                                  grace_period=space.ray.asha.grace_period,
+                                  reduction_factor=space.ray.asha.reduction_factor,
+                                  max_t=_evaluations(space))
+    # reused actors keep torch imported between trials: seconds per trial on a small CPU
+    return tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=space.trials(),
+                           time_budget_s=deadline_s, reuse_actors=True)
+
+
+def _evaluations(space: SearchSpace) -> int:
+    """How many results a full trial reports, ASHA's ``max_t``: one per evaluation, and
+    the final one."""
+    train = space.trial_spec({}, space.name).train
+    assert train is not None
+    return -(-train.steps // train.eval_every) + 1
+
+
+class Reporter(tune.Callback):
+    """Record trials that did not complete (stopped early, or failed before writing their
+    result), print a line per trial and redraw the front as each one ends."""
+
+    def __init__(self, space: SearchSpace, root: Path) -> None:
+        self.space, self.root = space, root
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
+                          **info: Any) -> None:
+        self._show(trial, "stopped", "stopped early by the scheduler")
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
+                       **info: Any) -> None:
+        self._show(trial, "failed", f"the trial raised an error; see {trial.local_path}")
+
+    def _show(self, trial: Trial, state: str, reason: str) -> None:
+        record = record_unfinished(self.space, self.root, trial.trial_id, trial.config,
+                                   trial.last_result or {}, state, reason)
+        console.print(trial_line(record, self.space.metrics))
+        write_reports(self.root, load_results(self.root), self.space.metrics,
+                      self.space.directions)
+
+
+def record_unfinished(space: SearchSpace, root: Path, trial_id: str, config: dict[str, Any],
+                      last: dict[str, Any], state: str, reason: str) -> dict[str, Any]:
+    """The trial's record; written here, from its last result, when the trial itself did
+    not get to write one (stopped early, or crashed). Partial values stay out of fronts."""
+    run_dir = root / "trials" / f"ray_{trial_id}"
+    path = run_dir / RESULT
+    if path.exists():
+        return json.loads(path.read_text())
+    metrics = {k: v for k, v in last.items()
+               if k in space.metrics or k.startswith(("accuracy", "wake_ms"))}
+    record = {"trial": f"ray_{trial_id}", "state": state, "reason": reason,
+              "params": {k: config.get(k) for k in space.params}, "metrics": metrics}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    return record

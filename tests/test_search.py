@@ -1,0 +1,235 @@
+"""Search: space validation, Pareto fronts, and real searches on Optuna and Ray Tune."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+import torch
+import yaml
+from optuna.trial import TrialState
+
+from archkit.search import load_space, run_search
+from archkit.search.optuna_backend import open_study
+from archkit.search.pareto import front_of, pareto_front
+from archkit.spec import SpecError
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = str(ROOT / "specs/rule110_cpu.yaml")
+FEW_STEPS = {
+    "model.d_model": 32, "model.blocks.gated_delta.head_dim": 16, "task.width": 6,
+    "sleep.window": 6, "train.batch_size": 8, "train.warmup_steps": 1,
+    "train.eval_every": 2, "train.eval_size": 16, "train.checkpoint_every": 2,
+}
+
+
+def write_space(folder: Path, **fields: object) -> Path:
+    space = {"extends": BASE, "set": FEW_STEPS, "budget": {"trials": 4, "steps": 3},
+             "sampler": "grid", "threads": 1, "bench": {"repeats": 2, "decode": 2},
+             # d_model 32 splits into 2 heads but not 3: one of the four is invalid.
+             "params": {"model.n_heads": {"choices": [2, 3]},
+                        "model.d_model": {"choices": [32, 48]}}}
+    space.update(fields)
+    path = folder / f"{space.get('name', 'space')}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def dominated_by_brute_force(points: list[list[float]], directions: list[str]) -> set[int]:
+    """Indices some other point beats: no worse on every objective, better on one."""
+    flip = [1 if d == "maximize" else -1 for d in directions]
+    beaten = set()
+    for i, p in enumerate(points):
+        for q in points:
+            diffs = [f * (b - a) for f, a, b in zip(flip, p, q, strict=True)]
+            if min(diffs) >= 0 and max(diffs) > 0:
+                beaten.add(i)
+    return beaten
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pareto_front_matches_brute_force_with_ties(seed: int) -> None:
+    rng = random.Random(seed)
+    n_obj = rng.choice([2, 3])
+    directions = [rng.choice(["maximize", "minimize"]) for _ in range(n_obj)]
+    # values from a small set, so that ties and duplicate points are common
+    points = [[float(rng.randint(0, 3)) for _ in range(n_obj)] for _ in range(rng.randint(1, 25))]
+    front = pareto_front(points, directions)
+    assert set(front) == set(range(len(points))) - dominated_by_brute_force(points, directions)
+
+
+def test_stopped_and_failed_trials_never_enter_the_front() -> None:
+    def record(trial: str, state: str, acc: float, ms: float) -> dict:
+        return {"trial": trial, "state": state, "params": {},
+                "metrics": {"accuracy": acc, "wake_ms_per_token": ms}}
+
+    results = [record("a", "complete", 0.5, 2.0), record("b", "complete", 0.8, 3.0),
+               record("c", "stopped", 0.9, 1.0), record("d", "complete", 0.5, 2.0),
+               {"trial": "e", "state": "failed", "params": {}, "metrics": {}, "reason": "x"}]
+    front = front_of(results, ["accuracy", "wake_ms_per_token"], ["maximize", "minimize"])
+    # "c" beats everyone but was stopped early; "a" and "d" tie and are both kept
+    assert [r["trial"] for r in front] == ["a", "b", "d"]
+
+
+@pytest.mark.parametrize(("fields", "where"), [
+    ({"param": {}}, "param"),
+    ({"params": {"sleep.pases": {"choices": [1, 2]}}}, "params.sleep.pases"),
+    ({"params": {"sleep.passes": {"values": [1, 2]}}}, "params.sleep.passes"),
+    ({"params": {"sleep.passes": {"int": [4, 1]}}}, "params.sleep.passes"),
+    ({"objectives": [{"metric": "acuracy"}]}, "objectives[0]"),
+    ({"params": {"train.lr": {"float": [1e-4, 1e-2]}}}, "params.train.lr"),
+    ({"ray": {"asha": {}}}, "ray.asha"),
+    ({"extends": "missing.yaml"}, "extends"),
+])
+def test_a_bad_search_space_names_the_file_and_field(tmp_path: Path, fields: dict,
+                                                      where: str) -> None:
+    path = write_space(tmp_path, **fields)
+    with pytest.raises(SpecError) as err:
+        load_space(path)
+    assert err.value.file == str(path) and err.value.path.startswith(where)
+
+
+def test_the_command_reports_a_bad_space_in_one_line_with_exit_2(tmp_path: Path) -> None:
+    path = write_space(tmp_path, params={"sleep.pases": {"choices": [1, 2]}})
+    cli = subprocess.run([sys.executable, "-m", "archkit.cli", "search", str(path)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert f"{path}: params.sleep.pases" in cli.stderr and "pases" in cli.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_list_valued_choices_reach_the_spec_intact(tmp_path: Path) -> None:
+    space = load_space(write_space(tmp_path, params={"sleep.layers": {"choices": [[0, 0],
+                                                                                  [0, 1]]}}))
+    params = space.suggest(optuna.trial.FixedTrial({"sleep.layers": "[0, 1]"}))
+    assert params == {"sleep.layers": [0, 1]}
+    assert space.trial_spec(params, "t").sleep.layers == (0, 1)
+
+
+def check_search(root: Path, expected_trials: int) -> list[dict]:
+    results = [json.loads(p.read_text()) for p in sorted(root.glob("trials/*/result.json"))]
+    assert len(results) == expected_trials
+    failed = [r for r in results if r["state"] == "failed"]
+    assert len(failed) == 1 and failed[0]["params"] == {"model.n_heads": 3, "model.d_model": 32}
+    assert "n_heads" in failed[0]["reason"]
+    complete = [r for r in results if r["state"] == "complete"]
+    assert len(complete) == 3
+    for r in complete:
+        assert 0 <= r["metrics"]["accuracy"] <= 1 and r["metrics"]["wake_ms_per_token"] > 0
+        assert r["metrics"]["wake_ms_min"] <= r["metrics"]["wake_ms_per_token"]
+        assert (root / "trials" / r["trial"] / "checkpoint").is_dir()
+    csv_rows = (root / "pareto.csv").read_text().splitlines()
+    assert len(csv_rows) == 4 and "True" in csv_rows[1]  # the front comes first
+    assert (root / "pareto.png").stat().st_size > 0
+    assert list((root / "front").glob("events.out.tfevents.*"))
+    return results
+
+
+def test_optuna_search_on_two_workers_records_the_invalid_trial_and_the_front(
+        tmp_path: Path) -> None:
+    space = load_space(write_space(tmp_path, name="grid"))
+    front = run_search(space, tmp_path / "runs", workers=2, progress=False)
+    assert front
+    check_search(tmp_path / "runs/grid", 4)
+    study = open_study(space, tmp_path / "runs/grid")
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"]
+    assert any("n_heads" in t.user_attrs.get("reason", "") for t in study.trials)
+    run_search(space, tmp_path / "runs", progress=False)  # already at its budget: no-op
+    assert len(open_study(space, tmp_path / "runs/grid").trials) == 4
+    shown = subprocess.run([sys.executable, "-m", "archkit.cli", "pareto",
+                            str(tmp_path / "runs/grid")], capture_output=True, text=True)
+    assert shown.returncode == 0 and "grid: Pareto front" in shown.stdout
+    assert "3 complete, 1 failed" in shown.stdout and "must divide" in shown.stdout
+
+
+def test_a_rerun_over_a_changed_space_is_refused(tmp_path: Path) -> None:
+    run_search(load_space(write_space(tmp_path, name="s", budget={"trials": 1, "steps": 1})),
+               tmp_path / "runs", progress=False)
+    changed = load_space(write_space(tmp_path, name="s", budget={"trials": 2, "steps": 1}))
+    with pytest.raises(SpecError, match="different space"):
+        run_search(changed, tmp_path / "runs", progress=False)
+
+
+def finished_and_running(root: Path) -> tuple[Path, Path] | None:
+    """A finished trial's result and another trial's run directory with a checkpoint."""
+    done = [p for p in root.glob("trials/*/result.json")]
+    running = [d for d in root.glob("trials/*") if (d / "checkpoint/trainer.pt").exists()
+               and not (d / "result.json").exists()]
+    return (done[0], running[0]) if done and running else None
+
+
+@pytest.mark.parametrize("backend", ["optuna", "ray"])
+def test_an_interrupted_search_resumes_without_losing_finished_trials(
+        tmp_path: Path, backend: str) -> None:
+    path = write_space(tmp_path, name="cut", budget={"trials": 2, "steps": 150},
+                       params={"sleep.passes": {"choices": [1, 2]}})
+    root = tmp_path / "runs/cut"
+    command = [sys.executable, "-m", "archkit.cli", "search", str(path), "--backend", backend,
+               "--runs", str(tmp_path / "runs"), "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 300
+    while (found := finished_and_running(root)) is None:
+        assert process.poll() is None and time.time() < deadline, process.stderr.read()
+        time.sleep(0.2)
+    first, cut = found
+    kept = first.read_text()
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    assert "Run the same command again" in process.stderr.read()
+    saved_step = torch.load(cut / "checkpoint/trainer.pt", weights_only=False)["step"]
+    before = (cut / "metrics.jsonl").read_text().splitlines()
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert first.read_text() == kept
+    second = json.loads((cut / "result.json").read_text())
+    assert second["state"] == "complete"
+    assert second["params"] != json.loads(kept)["params"]  # the grid's other point
+    # the cut trial continued from its checkpoint: the records up to it are the same lines
+    # (they hold timings, so a rerun from scratch would differ), the rest follow in order
+    after = (cut / "metrics.jsonl").read_text().splitlines()
+    assert saved_step > 0
+    kept_lines = [line for line in before if json.loads(line)["step"] <= saved_step]
+    assert after[:len(kept_lines)] == kept_lines
+    steps = [json.loads(line)["step"] for line in after]
+    assert steps == sorted(steps) and steps[-1] == 150
+    if backend == "optuna":
+        study = optuna.load_study(study_name="cut", storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(root / "study.journal"))))
+        complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        assert sorted(t.params["sleep.passes"] for t in complete) == [1, 2]
+
+
+def test_ray_tune_search_on_a_local_ray_runtime(tmp_path: Path) -> None:
+    space = load_space(write_space(tmp_path, name="ray"))
+    asha = load_space(write_space(
+        tmp_path, name="asha", sampler="random", objectives=[{"metric": "accuracy"}],
+        params={"train.lr": {"float": [1e-4, 1e-1], "log": True}},
+        budget={"trials": 6, "steps": 8}, ray={"asha": {"grace_period": 1}}))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        front = run_search(space, tmp_path / "runs", backend="ray", progress=False)
+        asha_front = run_search(asha, tmp_path / "runs", backend="ray", progress=False)
+    finally:
+        ray.shutdown()
+    assert front
+    results = check_search(tmp_path / "runs/ray", 4)
+    assert all(r["trial"].startswith("ray_") for r in results)
+    asha_results = [json.loads(p.read_text())
+                    for p in (tmp_path / "runs/asha").glob("trials/*/result.json")]
+    assert len(asha_results) == 6
+    assert {r["state"] for r in asha_results} <= {"complete", "stopped"}
+    best = max(r["metrics"]["accuracy"] for r in asha_results if r["state"] == "complete")
+    assert asha_front and all(r["state"] == "complete" and r["metrics"]["accuracy"] == best
+                              for r in asha_front)
+    with pytest.raises(SpecError, match="optuna"):
+        run_search(space, tmp_path / "runs", backend="optuna", progress=False)

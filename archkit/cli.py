@@ -188,7 +188,8 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         detach(root.with_name(root.name + ".log"))
         return
     try:
-        run_experiment(experiment, args.runs, progress=not args.no_progress)
+        run_experiment(experiment, args.runs, progress=not args.no_progress,
+                       train_missing=not args.report_only)
     except KeyboardInterrupt:
         print(f"archkit: interrupted; finished runs are kept in {root}. Run the same command "
               "again to resume.", file=sys.stderr)
@@ -362,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--no-progress", action="store_true", help="no live progress bars")
     experiment.add_argument("--background", action="store_true",
                             help="detach from the terminal; output in RUNS/NAME.log")
+    experiment.add_argument("--report-only", action="store_true",
+                            help="train nothing: report the runs that have finished")
     experiment.set_defaults(handler=cmd_experiment)
 
     pareto = commands.add_parser("pareto", help="a search's front: table, pareto.csv, .png")

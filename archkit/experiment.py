@@ -93,10 +93,13 @@ def arms(experiment: Experiment, lr: float | None) -> list[Arm]:
 
 
 def run_once(experiment: Experiment, root: Path, name: str, overrides: dict[str, Any],
-             progress: bool) -> dict[str, Any]:
-    """Train one run (or resume it, or read it back if finished) and return final.json."""
+             progress: bool, train_missing: bool = True) -> dict[str, Any] | None:
+    """Train one run (or resume it, or read it back if finished) and return final.json;
+    without ``train_missing``, None for a run that has not finished."""
     run_dir = root / "runs" / name
     final = run_dir / "final.json"
+    if not final.exists() and not train_missing:
+        return None
     if not final.exists():
         spec = experiment.spec(overrides, f"{experiment.name}/{name}")
         result = train(spec, run_dir, resume=(run_dir / "checkpoint").exists(),
@@ -106,29 +109,39 @@ def run_once(experiment: Experiment, root: Path, name: str, overrides: dict[str,
     return json.loads(final.read_text())
 
 
-def tuned_lr(experiment: Experiment, root: Path, progress: bool) -> float | None:
+def tuned_lr(experiment: Experiment, root: Path, progress: bool, train_missing: bool = True
+             ) -> float | None:
     """The learning rate with the best N=1 accuracy on the first seed (ties: the first)."""
     if not experiment.tune_lr:
         return None
     seed = experiment.seeds[0]
-    scores = {lr: run_once(experiment, root, f"lr{lr:g}_N1_s{seed}",
+    finals = {lr: run_once(experiment, root, f"lr{lr:g}_N1_s{seed}",
                            {"sleep.passes": 1, "train.lr": lr, "seed": seed},
-                           progress)["exact"] for lr in experiment.tune_lr}
+                           progress, train_missing) for lr in experiment.tune_lr}
+    scores = {lr: final["exact"] for lr, final in finals.items() if final is not None}
+    if len(scores) < len(finals):
+        raise SpecError("tune_lr", "the learning-rate runs at N=1 have not all finished; "
+                        "run the experiment without --report-only first")
     return max(scores, key=lambda lr: scores[lr])
 
 
-def run_experiment(experiment: Experiment, runs: Path, progress: bool = True
-                   ) -> dict[str, Any]:
+def run_experiment(experiment: Experiment, runs: Path, progress: bool = True,
+                   train_missing: bool = True) -> dict[str, Any]:
+    """Train every run the experiment names (``train_missing=False``: only report the
+    finished ones) and write the report."""
     root = runs / experiment.name
     root.mkdir(parents=True, exist_ok=True)
-    lr = tuned_lr(experiment, root, progress)
+    lr = tuned_lr(experiment, root, progress, train_missing)
     table: dict[str, list[dict[str, Any]]] = {}
     summary: dict[str, Any] = {}
     runs_in_order = [(arm, seed) for group in arm_groups(experiment, lr)
                      for seed in experiment.seeds for arm in group]
     for arm, seed in runs_in_order:
         name = f"{arm.name}_s{seed}"
-        final = run_once(experiment, root, name, {**arm.overrides, "seed": seed}, progress)
+        final = run_once(experiment, root, name, {**arm.overrides, "seed": seed}, progress,
+                         train_missing)
+        if final is None:
+            continue
         row = {"seed": seed, "trained": final}
         for n in experiment.eval_passes:
             row[f"eval_N{n}"] = evaluate_at(root / "runs" / name, n)

@@ -70,6 +70,11 @@ def test_the_experiment_command_trains_every_arm_and_reports(tmp_path: Path) -> 
     assert again.returncode == 0, again.stderr
     assert {p: p.stat().st_mtime for p in root.glob("runs/*/final.json")} == before
     assert json.loads((root / "summary.json").read_text()) == summary
+    (root / "runs/N2_s1/final.json").unlink()  # as if that run had not finished
+    partial = archkit("experiment", str(path), "--runs", "runs", "--report-only", cwd=tmp_path)
+    assert partial.returncode == 0, partial.stderr
+    assert not (root / "runs/N2_s1/final.json").exists()
+    assert json.loads((root / "summary.json").read_text())["arms"]["N2"]["seeds"] == [0]
 
 
 def test_a_training_run_in_the_background_outlives_its_command(tmp_path: Path) -> None:

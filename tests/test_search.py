@@ -233,3 +233,14 @@ def test_ray_tune_search_on_a_local_ray_runtime(tmp_path: Path) -> None:
                               for r in asha_front)
     with pytest.raises(SpecError, match="optuna"):
         run_search(space, tmp_path / "runs", backend="optuna", progress=False)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_space_loads_and_its_first_trial_spec_is_valid(path: Path) -> None:
+    space = load_space(path)
+    params = space.suggest(optuna.trial.FixedTrial(
+        {key: space.grid()[key][0] for key in space.params}))
+    spec = space.trial_spec(params, "first")
+    assert spec.train is not None and spec.train.steps == space.budget.steps
+    assert space.trials() >= 1

@@ -27,7 +27,7 @@ from typing import Annotated, Any
 from matplotlib.figure import Figure
 from pydantic import Field
 
-from archkit.spec import Spec, SpecError, StrictModel, load_spec, parse_spec, read_yaml_mapping
+from archkit.spec import Spec, SpecError, StrictModel, load_spec, parse_spec, read_based_on_spec
 from archkit.train import evaluate_run, train
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -58,10 +58,7 @@ class Arm:
 
 def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
-    data = read_yaml_mapping(path)
-    data.setdefault("name", path.stem)
-    if isinstance(data.get("extends"), str):
-        data["extends"] = (path.parent / data["extends"]).resolve()
+    data = read_based_on_spec(path, "an experiment")
     experiment: Experiment = parse_spec(data, path, Experiment)
     for arm in arms(experiment, lr=None):
         try:

@@ -424,6 +424,19 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
+def read_based_on_spec(path: Path, kind: str) -> dict[str, Any]:
+    """A file built on a base spec (a search space, an experiment) as a mapping: ``name``
+    defaults to the file's stem and ``extends`` is resolved against the file's folder."""
+    data = read_yaml_mapping(path)
+    data.setdefault("name", path.stem)
+    if isinstance(data.get("extends"), str):
+        data["extends"] = (path.parent / data["extends"]).resolve()
+    elif "extends" not in data:
+        raise SpecError("extends", f"{kind} extends a base spec: extends: <spec.yaml>",
+                        file=path)
+    return data
+
+
 def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML mapping, resolving ``extends`` chains and dotted keys."""
     path = Path(path)

@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal
 import optuna
 from pydantic import Discriminator, Field, Tag, model_validator
 
-from archkit.spec import Spec, SpecError, StrictModel, load_spec, parse_spec, read_yaml_mapping
+from archkit.spec import Spec, SpecError, StrictModel, load_spec, parse_spec, read_based_on_spec
 
 BENCH_METRICS = ("wake_ms_per_token", "sleep_ms_per_window", "answer_ms", "kv_peak_bytes",
                  "fast_weight_bytes", "params")
@@ -247,13 +247,7 @@ def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search space; every parameter must give a valid spec for at least
     one of its values, so that a misspelt field fails here and not trial by trial."""
     path = Path(path)
-    data = read_yaml_mapping(path)
-    data.setdefault("name", path.stem)
-    if isinstance(data.get("extends"), str):
-        data["extends"] = (path.parent / data["extends"]).resolve()
-    elif "extends" not in data:
-        raise SpecError("extends", "a search space extends a base spec: extends: <spec.yaml>",
-                        file=path)
+    data = read_based_on_spec(path, "a search space")
     space: SearchSpace = parse_spec(data, path, SearchSpace)
     try:
         base = space.trial_spec({}, space.name)

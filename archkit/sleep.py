@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from archkit.blocks.common import FastWeightBlock, FastWeightState, KVCache, map_state, state_bytes
 from archkit.model import HybridModel, ModelState
 from archkit.sleep_controllers import SleepController, make_controller
-from archkit.spec import SleepSpec
+from archkit.spec import SleepSpec, Spec, SpecError
 
 
 def _rms(h: Tensor) -> Tensor:
@@ -85,6 +85,14 @@ class SleepingModel(nn.Module):
         self.loop = sleep.loop_range(len(model.layers))
         self.pre = range(self.loop.start)
         self.post = range(self.loop.stop, len(model.layers))
+
+    @classmethod
+    def from_spec(cls, spec: Spec) -> SleepingModel:
+        """The spec's model, initialised from ``spec.seed``, sleeping as ``spec.sleep`` says."""
+        if spec.sleep is None:
+            raise SpecError("sleep", "a `sleep:` section is needed to build a sleeping model")
+        torch.manual_seed(spec.seed)
+        return cls(HybridModel(spec.model), spec.sleep)
 
     @property
     def window(self) -> int:

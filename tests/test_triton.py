@@ -267,13 +267,9 @@ def test_kernels_compile_for_sm90():
         build(recurrent._bwd_forward, **flags, HAS_H0=True)
     for delta, key in [(True, False), (False, False), (False, True)]:
         BT, num_warps = chunk_config(K, key, None)
-        flags = {**sizes, "BT": BT, "PREC": "tf32"}
-        build(chunk._fwd, num_warps, **flags, IS_DELTA=delta, KEY_DECAY=key, HAS_H0=True,
-              SAVE_STATES=True)
-        if key:
-            build(chunk._bwd_key_decay, num_warps, **flags, HAS_DHT=True)
-        else:
-            build(chunk._bwd, num_warps, **flags, IS_DELTA=delta, HAS_DHT=True)
+        flags = {**sizes, "BT": BT, "PREC": "tf32", "IS_DELTA": delta, "KEY_DECAY": key}
+        build(chunk._fwd, num_warps, **flags, HAS_H0=True, SAVE_STATES=True)
+        build(chunk._bwd, num_warps, **flags, HAS_DHT=True)
 
 
 # --- CUDA: the same cases natively, half precision included -----------------------------

@@ -1,12 +1,59 @@
-"""Helpers shared by the Triton kernels' Python wrappers (no kernels here)."""
+"""Helpers shared by the Triton kernel modules: ``@triton.jit`` functions their kernels call
+(no kernels here), and plain functions for their Python wrappers."""
 
 from __future__ import annotations
 
 import triton
+import triton.language as tl
 from torch import Tensor
 
 # tl.dot needs every dimension >= 16; smaller head dims are padded (and masked) up to it.
 MIN_BLOCK = 16
+
+
+@triton.jit
+def block_offsets(T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr):
+    """Where the calling program works, in a grid (cdiv(V, BV), B * H): batch*head i_bh
+    (program id 1) and value block i_v (program id 0). Returns ``(i_bh, ok, ov, mk, mv,
+    row0)``: i_bh as int64 (for state addresses), key and value offsets ok [BK], ov [BV]
+    with their masks (head dims are padded to powers of two; masked lanes load 0 and are
+    not stored), and the row of the head's token 0 in [B, T, H, ...] tensors (token t is
+    row0 + t H)."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    ok = tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    row0 = (i_b * T * H + i_h).to(tl.int64)
+    return i_bh.to(tl.int64), ok, ov, ok < K, ov < V, row0
+
+
+@triton.jit
+def state_block(state, ok, ov, mk, mv, V: tl.constexpr):
+    """``(pointers, mask)`` of the program's [BK, BV] block of the [K, V] state at ``state``.
+    Formed where used, and as the pointer plus [BK, 1] then plus [1, BV] offsets: formed
+    once and kept across a token loop, or summed into one offset tile first, it held 25-55
+    more registers a thread in the recurrent kernels (sm_90 compile)."""
+    return state + ok[:, None] * V + ov[None, :], mk[:, None] & mv[None, :]
+
+
+@triton.jit
+def load_state(state, ok, ov, mk, mv, V: tl.constexpr, PRESENT: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr):
+    """A [BK, BV] state block (``state_block``) in float32; zeros when the optional tensor
+    is absent (PRESENT false: the pointer is a stand-in, never read)."""
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if PRESENT:
+        pointers, mask = state_block(state, ok, ov, mk, mv, V)
+        S += tl.load(pointers, mask=mask, other=0).to(tl.float32)
+    return S
+
+
+@triton.jit
+def store_state(state, S, ok, ov, mk, mv, V: tl.constexpr):
+    """Stores the [BK, BV] state block S (``state_block``)."""
+    pointers, mask = state_block(state, ok, ov, mk, mv, V)
+    tl.store(pointers, S, mask=mask)
 
 
 def block_sizes(K: int, V: int, max_bv: int = 32) -> tuple[int, int]:

@@ -42,7 +42,36 @@ import torch
 import triton
 import triton.language as tl
 
-from archkit.kernels.triton._common import block_sizes, grad_decay, reverse_cumsum
+from archkit.kernels.triton._common import (
+    block_offsets,
+    block_sizes,
+    grad_decay,
+    load_state,
+    reverse_cumsum,
+    store_state,
+)
+
+
+@triton.jit
+def _token(x, r, offs, mask, N: tl.constexpr):
+    """Token row r of x [B, T, H, N] at offs, in float32 (masked lanes 0)."""
+    return tl.load(x + r * N + offs, mask=mask, other=0).to(tl.float32)
+
+
+@triton.jit
+def _decay(S, g, r, ok, mk, K: tl.constexpr, KEY_DECAY: tl.constexpr):
+    """α S for token row r, α = exp(g_t): a scalar, or with KEY_DECAY a K-vector on rows."""
+    if KEY_DECAY:
+        alpha = tl.exp(_token(g, r, ok, mk, K))[:, None]
+    else:
+        alpha = tl.exp(tl.load(g + r).to(tl.float32))
+    return S * alpha
+
+
+@triton.jit
+def _beta(beta, r, HAS_BETA: tl.constexpr):
+    """β_t for token row r; 1 without beta."""
+    return tl.load(beta + r).to(tl.float32) if HAS_BETA else 1.0
 
 
 @triton.jit
@@ -53,50 +82,22 @@ def _fwd(
     SAVE_E: tl.constexpr,
 ):
     """o_t = scale S_t^T q_t for every t, S_T -> ht; e_t -> e (delta rule, for backward)."""
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    ok = tl.arange(0, BK)
-    ov = i_v * BV + tl.arange(0, BV)
-    mk, mv = ok < K, ov < V  # head dims padded to powers of two: masked lanes stay 0
-    mkv = mk[:, None] & mv[None, :]
-    row = (i_b * T * H + i_h).to(tl.int64)  # token 0 of this head in [B, T, H, ...]
-    p_k = k + row * K + ok
-    p_q = q + row * K + ok
-    p_v = v + row * V + ov
-    p_o = o + row * V + ov
-    p_e = e + row * V + ov
-    p_g = g + row * K + ok if KEY_DECAY else g + row
-    p_b = beta + row
-
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        S += tl.load(h0 + i_bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :],
-                     mask=mkv, other=0).to(tl.float32)
+    i_bh, ok, ov, mk, mv, row0 = block_offsets(T, H, K, V, BK, BV)
+    S = load_state(h0 + i_bh * K * V, ok, ov, mk, mv, V, HAS_H0, BK, BV)
+    r = row0  # the current token's row
     for _ in range(T):
-        q_t = tl.load(p_q, mask=mk, other=0).to(tl.float32) * scale
-        k_t = tl.load(p_k, mask=mk, other=0).to(tl.float32)
-        v_t = tl.load(p_v, mask=mv, other=0).to(tl.float32)
-        if KEY_DECAY:
-            S *= tl.exp(tl.load(p_g, mask=mk, other=0).to(tl.float32))[:, None]
-        else:
-            S *= tl.exp(tl.load(p_g).to(tl.float32))
+        k_t = _token(k, r, ok, mk, K)
+        S = _decay(S, g, r, ok, mk, K, KEY_DECAY)
+        e_t = _token(v, r, ov, mv, V)
         if IS_DELTA:
-            e_t = v_t - tl.sum(k_t[:, None] * S, 0)  # what S fails to recall for k_t
+            e_t -= tl.sum(k_t[:, None] * S, 0)  # what S fails to recall for k_t
             if SAVE_E:
-                tl.store(p_e, e_t, mask=mv)
-        else:
-            e_t = v_t
-        u_t = tl.load(p_b).to(tl.float32) * e_t if HAS_BETA else e_t
-        S += k_t[:, None] * u_t[None, :]
-        tl.store(p_o, tl.sum(q_t[:, None] * S, 0).to(o.dtype.element_ty), mask=mv)
-        p_q += H * K
-        p_k += H * K
-        p_v += H * V
-        p_o += H * V
-        p_e += H * V
-        p_g += H * K if KEY_DECAY else H
-        p_b += H
-    tl.store(ht + i_bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], S, mask=mkv)
+                tl.store(e + r * V + ov, e_t, mask=mv)
+        S += k_t[:, None] * (_beta(beta, r, HAS_BETA) * e_t)[None, :]
+        q_t = _token(q, r, ok, mk, K) * scale
+        tl.store(o + r * V + ov, tl.sum(q_t[:, None] * S, 0).to(o.dtype.element_ty), mask=mv)
+        r += H
+    store_state(ht + i_bh * K * V, S, ok, ov, mk, mv, V)
 
 
 @triton.jit
@@ -109,65 +110,29 @@ def _bwd_reverse(
     """Reverse pass: D from the final-state gradient back to dh0 = D_0. Stores, per token,
     dk_G = G u_t and dβ_t (partial sums over this program's V block, at [i_v]), dv_t, and
     dr_t (delta rule) for ``_bwd_forward``."""
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    ok = tl.arange(0, BK)
-    ov = i_v * BV + tl.arange(0, BV)
-    mk, mv = ok < K, ov < V
-    mkv = mk[:, None] & mv[None, :]
-    row = (i_b * T * H + i_h).to(tl.int64) + (T - 1) * H  # last token of this head
-    part = i_v.to(tl.int64) * B * T * H  # offset of this V block's partial sums
-    p_q = q + row * K + ok
-    p_k = k + row * K + ok
-    p_dkg = dk_g + (part + row) * K + ok
-    p_v = v + row * V + ov
-    p_e = e + row * V + ov
-    p_do = do + row * V + ov
-    p_dv = dv + row * V + ov
-    p_dr = dr + row * V + ov
-    p_g = g + row * K + ok if KEY_DECAY else g + row
-    p_b = beta + row
-    p_db = dbeta + part + row
-
-    D = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        D += tl.load(dht + i_bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :],
-                     mask=mkv, other=0).to(tl.float32)
+    i_bh, ok, ov, mk, mv, row0 = block_offsets(T, H, K, V, BK, BV)
+    part = tl.program_id(0).to(tl.int64) * B * T * H  # this V block's partial sums
+    D = load_state(dht + i_bh * K * V, ok, ov, mk, mv, V, HAS_DHT, BK, BV)
+    r = row0 + (T - 1) * H  # the current token's row, from the last
     for _ in range(T):
-        q_t = tl.load(p_q, mask=mk, other=0).to(tl.float32) * scale
-        k_t = tl.load(p_k, mask=mk, other=0).to(tl.float32)
-        do_t = tl.load(p_do, mask=mv, other=0).to(tl.float32)
-        if IS_DELTA:
-            e_t = tl.load(p_e, mask=mv, other=0)
-        else:
-            e_t = tl.load(p_v, mask=mv, other=0).to(tl.float32)
-        b_t = tl.load(p_b).to(tl.float32) if HAS_BETA else 1.0
+        q_t = _token(q, r, ok, mk, K) * scale
+        k_t = _token(k, r, ok, mk, K)
+        do_t = _token(do, r, ov, mv, V)
+        e_t = _token(e if IS_DELTA else v, r, ov, mv, V)  # the forward's e_t
+        b_t = _beta(beta, r, HAS_BETA)
         D += q_t[:, None] * do_t[None, :]  # G = D_t + scale q_t do_t^T
-        tl.store(p_dkg, tl.sum(D * (b_t * e_t)[None, :], 1), mask=mk)
+        tl.store(dk_g + (part + r) * K + ok, tl.sum(D * (b_t * e_t)[None, :], 1), mask=mk)
         du = tl.sum(D * k_t[:, None], 0)
-        tl.store(p_dv, (b_t * du).to(dv.dtype.element_ty), mask=mv)
+        tl.store(dv + r * V + ov, (b_t * du).to(dv.dtype.element_ty), mask=mv)
         if HAS_BETA:
-            tl.store(p_db, tl.sum(du * e_t, 0))
+            tl.store(dbeta + part + r, tl.sum(du * e_t, 0))
         if IS_DELTA:
             dr_t = -b_t * du
-            tl.store(p_dr, dr_t, mask=mv)
+            tl.store(dr + r * V + ov, dr_t, mask=mv)
             D += k_t[:, None] * dr_t[None, :]
-        if KEY_DECAY:
-            D *= tl.exp(tl.load(p_g, mask=mk, other=0).to(tl.float32))[:, None]
-        else:
-            D *= tl.exp(tl.load(p_g).to(tl.float32))
-        p_q -= H * K
-        p_k -= H * K
-        p_dkg -= H * K
-        p_v -= H * V
-        p_e -= H * V
-        p_do -= H * V
-        p_dv -= H * V
-        p_dr -= H * V
-        p_g -= H * K if KEY_DECAY else H
-        p_b -= H
-        p_db -= H
-    tl.store(dh0 + i_bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], D, mask=mkv)
+        D = _decay(D, g, r, ok, mk, K, KEY_DECAY)
+        r -= H
+    store_state(dh0 + i_bh * K * V, D, ok, ov, mk, mv, V)
 
 
 @triton.jit
@@ -178,52 +143,20 @@ def _bwd_forward(
 ):
     """Forward pass rebuilding S_t (from the stored e_t, no recall needed): stores
     dq_t = scale S_t do_t and, delta rule, dk_S = S_a dr_t (partial sums at [i_v])."""
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    ok = tl.arange(0, BK)
-    ov = i_v * BV + tl.arange(0, BV)
-    mk, mv = ok < K, ov < V
-    mkv = mk[:, None] & mv[None, :]
-    row = (i_b * T * H + i_h).to(tl.int64)
-    part = i_v.to(tl.int64) * B * T * H
-    p_k = k + row * K + ok
-    p_dq = dq + (part + row) * K + ok
-    p_dks = dk_s + (part + row) * K + ok
-    p_v = v + row * V + ov
-    p_e = e + row * V + ov
-    p_do = do + row * V + ov
-    p_dr = dr + row * V + ov
-    p_g = g + row * K + ok if KEY_DECAY else g + row
-    p_b = beta + row
-
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        S += tl.load(h0 + i_bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :],
-                     mask=mkv, other=0).to(tl.float32)
+    i_bh, ok, ov, mk, mv, row0 = block_offsets(T, H, K, V, BK, BV)
+    part = tl.program_id(0).to(tl.int64) * B * T * H
+    S = load_state(h0 + i_bh * K * V, ok, ov, mk, mv, V, HAS_H0, BK, BV)
+    r = row0  # the current token's row
     for _ in range(T):
-        k_t = tl.load(p_k, mask=mk, other=0).to(tl.float32)
-        do_t = tl.load(p_do, mask=mv, other=0).to(tl.float32)
-        if KEY_DECAY:
-            S *= tl.exp(tl.load(p_g, mask=mk, other=0).to(tl.float32))[:, None]
-        else:
-            S *= tl.exp(tl.load(p_g).to(tl.float32))
+        S = _decay(S, g, r, ok, mk, K, KEY_DECAY)
         if IS_DELTA:
-            tl.store(p_dks, tl.sum(S * tl.load(p_dr, mask=mv, other=0)[None, :], 1), mask=mk)
-            e_t = tl.load(p_e, mask=mv, other=0)
-        else:
-            e_t = tl.load(p_v, mask=mv, other=0).to(tl.float32)
-        u_t = tl.load(p_b).to(tl.float32) * e_t if HAS_BETA else e_t
-        S += k_t[:, None] * u_t[None, :]
-        tl.store(p_dq, tl.sum(S * do_t[None, :], 1) * scale, mask=mk)
-        p_k += H * K
-        p_dq += H * K
-        p_dks += H * K
-        p_v += H * V
-        p_e += H * V
-        p_do += H * V
-        p_dr += H * V
-        p_g += H * K if KEY_DECAY else H
-        p_b += H
+            dr_t = _token(dr, r, ov, mv, V)
+            tl.store(dk_s + (part + r) * K + ok, tl.sum(S * dr_t[None, :], 1), mask=mk)
+        e_t = _token(e if IS_DELTA else v, r, ov, mv, V)  # the forward's e_t
+        S += _token(k, r, ok, mk, K)[:, None] * (_beta(beta, r, HAS_BETA) * e_t)[None, :]
+        do_t = _token(do, r, ov, mv, V)
+        tl.store(dq + (part + r) * K + ok, tl.sum(S * do_t[None, :], 1) * scale, mask=mk)
+        r += H
 
 
 class RecurrentRule(torch.autograd.Function):

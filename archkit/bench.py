@@ -16,7 +16,6 @@ import torch
 
 from archkit.sleep import SleepingModel
 from archkit.spec import Spec
-from archkit.tasks import get_task
 
 
 def _ms_since(start: float) -> float:
@@ -27,7 +26,8 @@ def _ms_since(start: float) -> float:
 def measure(sleeper: SleepingModel, context: torch.Tensor, prompt: torch.Tensor,
             decode_tokens: int = 32, warmup: bool = True) -> dict[str, Any]:
     """Sleep on ``context`` [1, C], read ``prompt`` [1, P] awake (the question), then decode
-    ``decode_tokens`` greedily. Returns the figures ``archkit bench`` reports."""
+    ``decode_tokens`` greedily. Returns the figures ``archkit bench`` reports, under their
+    ``archkit.metrics`` names, and the settings they were measured at under ``settings``."""
     sleeper.eval()
     if warmup:
         warm = sleeper.init_wake(context[:, : sleeper.window])
@@ -45,23 +45,31 @@ def measure(sleeper: SleepingModel, context: torch.Tensor, prompt: torch.Tensor,
         logits, wake = sleeper.wake_step(logits.argmax(-1), wake)
         steps.append(_ms_since(start))
     kv_per_token = sum(layer.mixer.kv_bytes_per_token() for layer in sleeper.model.layers)
-    deciles = statistics.quantiles(steps, n=10) if len(steps) > 1 else steps * 9
+    report = wake.report
     return {
         "wake_ms_per_token": statistics.median(steps),
-        "wake_ms_p10": deciles[0],
-        "wake_ms_p90": deciles[-1],
+        "wake_ms_p99": percentile(steps, 99),
+        "wake_ms_max": max(steps),
         "answer_ms": answer_ms,
         "sleep_ms_per_window": sleep_ms,
-        "sleeps": wake.report.sleeps,
-        "passes_per_sleep": statistics.fmean(wake.report.passes) if wake.report.passes else 0,
-        "kv_peak_tokens": wake.report.peak_kv_tokens,
-        "kv_peak_bytes": wake.report.peak_kv_tokens * kv_per_token,
-        "fast_weight_bytes": wake.report.fast_weight_bytes,
+        "sleeps": report.sleeps,
+        "passes_per_sleep": statistics.fmean(report.passes) if report.passes else 0.0,
+        "kv_peak_tokens": report.kv_peak_tokens,
+        "kv_peak_bytes": report.kv_peak_tokens * kv_per_token,
+        "fast_weight_bytes": report.fast_weight_bytes,
         "params": sum(p.numel() for p in sleeper.parameters()),  # tied weights counted once
-        "context_tokens": context.shape[1],
-        "decode_tokens": decode_tokens,
-        "threads": torch.get_num_threads(),
+        "settings": {"context_tokens": context.shape[1], "prompt_tokens": prompt.shape[1],
+                     "decode_tokens": decode_tokens, "threads": torch.get_num_threads()},
     }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile, linear between order statistics (numpy's default)."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def bench_inputs(spec: Spec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +77,7 @@ def bench_inputs(spec: Spec) -> tuple[torch.Tensor, torch.Tensor]:
     four windows of random tokens when the spec has no task."""
     assert spec.sleep is not None
     if spec.task is not None:
-        task = get_task(spec.task.name, **spec.task.config.model_dump())
+        task = spec.task.build()
         tokens, context_len = task.eval_batch(1, spec.seed).tokens, task.context_len
     else:
         context_len = 4 * spec.sleep.window

@@ -13,7 +13,8 @@ from archkit.spec import SleepSpec
 
 def model_card(model: HybridModel, window: int, sleep: SleepSpec | None = None
                ) -> dict[str, Any]:
-    """Everything ``archkit build`` reports, as plain JSON-ready values.
+    """Everything ``archkit build`` reports, as plain JSON-ready values; numbers under
+    their ``archkit.metrics`` names.
 
     ``window`` is the attention window L: the KV bound and the attention FLOPs assume a
     query sees at most L tokens. FLOPs per token count 2 per multiply-add of every
@@ -30,7 +31,7 @@ def model_card(model: HybridModel, window: int, sleep: SleepSpec | None = None
             "params": sum(p.numel() for p in layer.parameters()),
             "fast_weight_bytes": fixed,
             "kv_bytes_per_token": mixer.kv_bytes_per_token(),
-            "state_bytes": fixed + mixer.kv_bytes_per_token() * window,
+            "state_bytes_per_sequence": fixed + mixer.kv_bytes_per_token() * window,
             "mixing_flops_per_token": mixer.mixing_flops_per_token(window),
         })
     params = sum(p.numel() for p in model.parameters())  # tied weights counted once
@@ -54,7 +55,7 @@ def model_card(model: HybridModel, window: int, sleep: SleepSpec | None = None
             "window": sleep.window,
             "eviction": sleep.eviction,
             "loop_layers": list(loop),
-            "flops_per_pass": sum(per_token) * sleep.window,
+            "sleep_flops_per_pass": sum(per_token) * sleep.window,
         }
     return {
         "params": params,

@@ -7,6 +7,7 @@ stderr and exits with status 2; tracebacks are for bugs only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -20,7 +21,9 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
+from archkit.metrics import METRICS, SECTIONS, lookup
 from archkit.registry import REGISTRIES, RegistryError
+from archkit.searching.backends import BACKENDS
 from archkit.spec import SpecError, load_spec
 
 USAGE_ERROR = 2
@@ -60,7 +63,7 @@ def cmd_build(args: argparse.Namespace) -> None:
         table.add_row(
             str(layer["index"]), layer["block"], "yes" if layer["mlp"] else "no",
             f"{layer['params']:,}", _bytes(layer["fast_weight_bytes"]),
-            _bytes(layer["kv_bytes_per_token"]), _bytes(layer["state_bytes"]),
+            _bytes(layer["kv_bytes_per_token"]), _bytes(layer["state_bytes_per_sequence"]),
         )
     console.print(table)
     console.print(
@@ -79,7 +82,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     console.print(
         f"sleep             {sleep['controller']} {sleep['options']}, {sleep['eviction']} "
         f"eviction, layers {loop[0]}..{loop[-1]} loop\n"
-        f"sleep cost        {sleep['flops_per_pass'] / 1e6:.2f} MFLOP per looping pass over "
+        f"sleep cost        {sleep['sleep_flops_per_pass'] / 1e6:.2f} MFLOP per looping pass over "
         f"a full window; wake reads each token in one pass whatever N"
     )
 
@@ -110,7 +113,7 @@ def detach(log: Path) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from archkit.train import TrainingDiverged, train
+    from archkit.trainer import TrainingDiverged, train
 
     spec = load_spec(args.spec, parse_overrides(args.set))
     run_dir = args.runs / (args.name or spec.name)
@@ -131,51 +134,70 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from archkit.checkpoint import load_run
+    from archkit.evaluation import evaluate_run
     from archkit.tracking import score_table
-    from archkit.train import evaluate_run
 
     overrides = parse_overrides(args.set)
     if args.passes is not None:
         overrides["sleep.passes"] = args.passes
     if args.controller is not None:
         overrides["sleep.controller"] = args.controller
-    spec, score, loss = evaluate_run(args.run, overrides, args.seed)
+    run = load_run(args.run, overrides)
+    result = evaluate_run(run, args.seed)
     if args.json:
-        print(json.dumps({"exact": score.overall.exact, "per_answer": score.overall.token,
-                          "loss": loss, **score.metrics()}, indent=2))
+        print(json.dumps(result.metrics(), indent=2))
         return
-    assert spec.sleep is not None
-    title = (f"{args.run}: {spec.sleep.controller} sleep, N={spec.sleep.passes}, "
-             f"eval loss {loss:.4f}")
-    console.print(score_table(score, title))
+    assert run.spec.sleep is not None
+    title = (f"{args.run}: {run.spec.sleep.controller} sleep, N={run.spec.sleep.passes}, "
+             f"loss {result.loss:.4f}")
+    console.print(score_table(result.score, title))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     from archkit.bench import bench_inputs, measure
-    from archkit.train import build, load_run_spec, load_weights
+    from archkit.checkpoint import load_run
+    from archkit.sleep import SleepingModel
 
     torch.set_num_threads(args.threads)
     overrides = parse_overrides(args.set)
-    is_run = args.target.is_dir()
-    spec = load_run_spec(args.target, overrides) if is_run else load_spec(args.target, overrides)
-    if spec.sleep is None:
-        raise SpecError("sleep", "a `sleep:` section is needed to measure wake latency",
-                        file=args.target)
-    sleeper = build(spec)
-    if is_run:
-        load_weights(sleeper, args.target)
+    if args.target.is_dir():
+        run = load_run(args.target, overrides)
+        spec, sleeper = run.spec, run.model
+    else:
+        spec = load_spec(args.target, overrides)
+        sleeper = SleepingModel.from_spec(spec)
     figures = measure(sleeper, *bench_inputs(spec), decode_tokens=args.decode)
     if args.json:
         print(json.dumps(figures, indent=2))
         return
-    table = Table(title=f"{spec.name}: wake and sleep on {args.threads} threads",
+    settings = figures.pop("settings")
+    table = Table(title=f"{spec.name}: wake and sleep on {args.threads} threads "
+                        f"({settings['context_tokens']} context tokens, "
+                        f"{settings['decode_tokens']} decode steps timed)",
                   title_justify="left")
-    table.add_column("figure")
+    table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in figures.items():
-        table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else f"{value:,}")
+    table.add_column("unit")
+    for name, value in figures.items():
+        table.add_row(name, f"{value:,.3f}" if isinstance(value, float) else f"{value:,}",
+                      lookup(name).unit)
+    console.print(table)
+
+
+def cmd_metrics(args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps([dataclasses.asdict(m) for m in METRICS], indent=2))
+        return
+    table = Table(title="metrics (TensorBoard: <section>/<name>, sections: "
+                        f"{', '.join(SECTIONS)})", title_justify="left")
+    for column in ("name", "unit", "direction", "from", "meaning"):
+        table.add_column(column)
+    for metric in METRICS:
+        table.add_row(metric.name, metric.unit, metric.direction or "-",
+                      ", ".join(metric.sources), metric.meaning)
     console.print(table)
 
 
@@ -200,15 +222,12 @@ def cmd_experiment(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from archkit.search import load_space, run_search
+    from archkit.searching import load_space, run_search
 
     space = load_space(args.space)
     if args.background:
         detach(args.runs / f"{space.name}.log")
         return
-    if args.workers > 1 and args.backend == "ray":
-        raise SpecError("--workers", "Ray Tune runs as many trials at once as the cluster's "
-                        "CPUs allow; --workers is for the optuna backend", args.workers)
     try:
         run_search(space, args.runs, args.backend, args.workers, args.address,
                    progress=not args.no_progress)
@@ -220,21 +239,20 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_pareto(args: argparse.Namespace) -> None:
-    from archkit.search import load_search
-    from archkit.search.pareto import write_reports
+    from archkit.searching import load_search
+    from archkit.searching.pareto import write_reports
 
     space, results = load_search(args.run)
-    write_reports(args.run, results, space.metrics, space.directions)
+    write_reports(args.run, results, space)
     _print_front(args.run)
 
 
 def _print_front(root: Path) -> None:
-    from archkit.search import front_table, load_search
+    from archkit.searching import front_table, load_search
 
     space, results = load_search(root)
     states = {s: sum(r["state"] == s for r in results) for s in ("complete", "failed", "stopped")}
-    console.print(front_table(results, space.metrics, space.directions,
-                              f"{space.name}: Pareto front"))
+    console.print(front_table(results, space, f"{space.name}: Pareto front"))
     console.print(", ".join(f"{n} {s}" for s, n in states.items() if n) or "no finished trials")
     for r in results:
         if r["state"] == "failed":
@@ -313,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     blocks = commands.add_parser("blocks", help="list registered blocks, rules, controllers, tasks")
     blocks.set_defaults(handler=cmd_blocks)
 
+    metrics = commands.add_parser("metrics", help="every metric archkit records: name, unit, "
+                                                  "direction, source, meaning")
+    metrics.add_argument("--json", action="store_true", help="the table as JSON")
+    metrics.set_defaults(handler=cmd_metrics)
+
     train = commands.add_parser("train", help="train and evaluate a spec; logs to runs/NAME")
     train.add_argument("spec", help="a spec with model, sleep, task and train sections")
     train.add_argument("--name", help="run name (default: the spec's name)")
@@ -344,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="search a space for the Pareto front")
     search.add_argument("space", type=Path, help="a search-space YAML, e.g. "
                                                  "search_spaces/sleep_n.yaml")
-    search.add_argument("--backend", choices=["optuna", "ray"], default="optuna",
+    search.add_argument("--backend", choices=list(BACKENDS), default="optuna",
                         help="optuna: embedded, on-disk study (default); ray: Ray Tune")
     search.add_argument("--workers", type=_positive_int, default=1,
                         help="local worker processes (optuna backend)")

@@ -27,8 +27,11 @@ from typing import Annotated, Any
 from matplotlib.figure import Figure
 from pydantic import Field
 
-from archkit.spec import Spec, SpecError, StrictModel, load_spec, parse_spec, read_based_on_spec
-from archkit.train import evaluate_run, train
+from archkit.checkpoint import load_run
+from archkit.evaluation import evaluate_run
+from archkit.spec import Spec, SpecError, StrictModel, load_spec, parse_spec
+from archkit.spec_files import read_based_on_spec
+from archkit.trainer import train
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -153,8 +156,8 @@ def evaluate_at(run_dir: Path, passes: int) -> dict[str, float]:
     """The run's held-out metrics when it sleeps ``passes`` passes (kept in the run)."""
     path = run_dir / f"eval_N{passes}.json"
     if not path.exists():
-        _, score, _ = evaluate_run(run_dir, {"sleep.passes": passes})
-        path.write_text(json.dumps(score.metrics(), indent=2))
+        result = evaluate_run(load_run(run_dir, {"sleep.passes": passes}))
+        path.write_text(json.dumps(result.metrics(), indent=2))
     return json.loads(path.read_text())
 
 
@@ -193,10 +196,11 @@ def report_markdown(summary: dict[str, Any], experiment: Experiment, runs: Path)
     arms_summary = summary["arms"]
     first = next(iter(arms_summary.values()))["trained"]
     difficulties = sorted((k for k in first if k != "exact"), key=lambda k: int(k.split("/")[1]))
-    head = ["arm", "seeds", "exact", *(f"d={k.split('/')[1]}" for k in difficulties)]
+    head = ["arm", "seeds", "exact", *difficulties]
     lines = [f"Experiment `{experiment.name}` (base `{experiment.extends.name}`, "
              f"lr {summary['lr'] if summary['lr'] is not None else 'from the spec'}); "
-             f"exact match, mean +- std over seeds. Runs: `{runs / experiment.name}/runs`.", "",
+             "`exact` (held-out exact match), mean +- std over seeds. "
+             f"Runs: `{runs / experiment.name}/runs`.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, result in arms_summary.items():
         for where, metrics in result.items():
@@ -222,7 +226,7 @@ def plot_by_difficulty(summary: dict[str, Any]) -> Figure:
         ax.errorbar(xs, [trained[k][0] for k in keys], yerr=[trained[k][1] for k in keys],
                     marker="o", capsize=3, label=f"{arm} ({len(result['seeds'])} seeds)")
     ax.set_xlabel("difficulty")
-    ax.set_ylabel("exact match (held out)")
+    ax.set_ylabel("exact (held out)")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -4,7 +4,8 @@
 The model is stateful over windows: ``forward(tokens, state)`` continues from ``state``
 (one entry per layer: a KV cache, fast weights, or None), so a sequence may be fed in
 one call, window by window, or token by token with ``step``, with the same result.
-``embed``, ``run_layers`` and ``logits`` are the pieces the sleep runtime loops over.
+``embed``, ``run_layers``, ``rewind``, ``logits`` and ``evict`` are the pieces the sleep
+runtime composes.
 """
 
 from __future__ import annotations
@@ -105,6 +106,12 @@ class HybridModel(nn.Module):
     def evict(self, state: ModelState, policy: EvictionPolicy, keep: int = 0) -> ModelState:
         pairs = zip(self.layers, state, strict=True)
         return [layer.mixer.evict(s, policy, keep) for layer, s in pairs]
+
+    def rewind(self, before: ModelState, state: ModelState, layers: range) -> ModelState:
+        """``state`` with ``layers`` ready to read a window again (``Block.rewind``): their
+        local context as in ``before``, their persistent memory as in ``state``."""
+        return [self.layers[i].mixer.rewind(before[i], s) if i in layers else s
+                for i, s in enumerate(state)]
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -26,15 +26,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from archkit.blocks.common import FastWeightBlock, FastWeightState, KVCache, map_state, state_bytes
+from archkit.blocks.common import FastWeightState, KVCache, map_state, state_bytes
+from archkit.blocks.fast_weight import FastWeightBlock
 from archkit.model import HybridModel, ModelState
 from archkit.sleep_controllers import SleepController, make_controller
 from archkit.spec import SleepSpec, Spec, SpecError
@@ -46,15 +48,23 @@ def _rms(h: Tensor) -> Tensor:
 
 @dataclass
 class SleepReport:
-    """What a run cost: sleeps, passes per sleep, peak KV tokens, fast-weight bytes."""
+    """What a run cost: sleeps, passes per sleep, peak KV tokens, fast-weight bytes.
+
+    Sleeps are numbered in order, context windows first: the next sleep is window
+    ``sleeps``, and those from ``context_windows`` on are sleeps while reading awake.
+    """
 
     passes: list[int] = field(default_factory=list)  # one entry per sleep
-    peak_kv_tokens: int = 0
+    context_windows: int = 0
+    kv_peak_tokens: int = 0
     fast_weight_bytes: int = 0
 
     @property
     def sleeps(self) -> int:
         return len(self.passes)
+
+    def track_kv(self, state: ModelState) -> None:
+        self.kv_peak_tokens = max(self.kv_peak_tokens, kv_tokens(state))
 
 
 @dataclass
@@ -67,13 +77,12 @@ class SleepOutput:
 
 @dataclass
 class WakeState:
-    """Decode state: the model's state, the state before the current wake window, and
-    the window's tokens (re-read when the model sleeps on it)."""
+    """Decode state: the model's state, the state before the current wake window, the
+    window's tokens (re-read when the model sleeps on it) and the report so far."""
 
     layers: ModelState
     window_start: ModelState
     window_tokens: Tensor  # [B, tokens read in the current wake window]
-    context_windows: int
     report: SleepReport
 
 
@@ -108,17 +117,10 @@ class SleepingModel(nn.Module):
         total = tokens.shape[1]
         if not 0 <= context_len < total:
             raise ValueError(f"context_len must be in [0, {total}), got {context_len}")
-        report = SleepReport()
-        state = self.sleep_on_context(tokens[:, :context_len], report)
-        pieces, window_start, context_windows = [], state, report.sleeps
+        wake, pieces = self.init_wake(tokens[:, :context_len]), []
         for start in range(context_len, total, self.window):
-            if start > context_len:  # the previous wake window is full: sleep on it
-                full = tokens[:, start - self.window:start]
-                state = self.consolidate(full, window_start, report.sleeps, context_windows,
-                                         report)
-            window_start = state
-            logits, state = self.model(tokens[:, start:start + self.window], state)
-            report.peak_kv_tokens = max(report.peak_kv_tokens, kv_tokens(state))
+            window = tokens[:, start:start + self.window]
+            logits, wake = self._read_awake(window, wake, partial(self.model, window))
             pieces.append(logits)
         logits = torch.cat(pieces, dim=1)
         loss = None
@@ -129,13 +131,26 @@ class SleepingModel(nn.Module):
             scores = logits[:, :-1][answers]  # half precision is scored in float32
             scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
             loss = F.cross_entropy(scores, tokens[:, context_len + 1:][answers])
-        return SleepOutput(logits, loss, state, report)
+        return SleepOutput(logits, loss, wake.layers, wake.report)
 
-    def consolidate(self, window: Tensor, state: ModelState, index: int, n_windows: int,
-                    report: SleepReport) -> ModelState:
-        """Sleep on one window: pre once, loop ``passes`` times, post once, then evict."""
-        sleep, model = self.sleep, self.model
-        max_passes = self.controller.passes(index, n_windows, self.training)
+    def consolidate(self, window: Tensor, state: ModelState, report: SleepReport
+                    ) -> ModelState:
+        """Sleep on one window (Algorithm 1), recorded in ``report`` as its next sleep.
+
+        1. N = the controller's passes for window ``report.sleeps`` (of
+           ``report.context_windows`` context windows).
+        2. h = the layers before ``sleep.layers`` over embed(window), once.
+        3. N times (fewer if the controller sees the fast weights converge):
+           a. from the second pass on, rewind the looping layers (local context from
+              before the first pass, persistent memory from now) and, under
+              ``pass_norm: rms``, rescale h to its RMS entering the first pass;
+           b. under ``backprop: last_k``, cut the graph before the last k passes;
+           c. h, state = the looping layers over h.
+        4. The layers after, once; record the sleep; evict the window.
+        """
+        sleep, model, controller = self.sleep, self.model, self.controller
+        max_passes = controller.passes(report.sleeps, report.context_windows, self.training)
+        watch = controller.watches_weights(self.training)
         grad = sleep.backprop != "none" and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad), self.asleep():
             h, state = model.run_layers(model.embed(window), state, self.pre)
@@ -143,21 +158,19 @@ class SleepingModel(nn.Module):
             entry_rms = _rms(h) if sleep.pass_norm == "rms" else None
             while passes < max_passes:
                 if passes > 0:
-                    state = [model.layers[i].mixer.rewind(before[i], state[i])
-                             if i in self.loop else state[i] for i in range(len(state))]
+                    state = model.rewind(before, state, self.loop)
                     if entry_rms is not None:
                         h = h * (entry_rms / _rms(h))
                 if sleep.backprop == "last_k" and passes == max_passes - sleep.last_k > 0:
                     h, state = h.detach(), [map_state(s, Tensor.detach) for s in state]
-                previous = [s.weights for s in self._fast(state)]
+                previous = self._fast_weights(state) if watch else []
                 h, state = self._pass(h, state)
                 passes += 1
-                now = [s.weights for s in self._fast(state)]
-                if self.controller.converged(previous, now, passes, self.training):
+                if watch and controller.converged(previous, self._fast_weights(state), passes):
                     break
             h, state = model.run_layers(h, state, self.post)
         report.passes.append(passes)
-        report.peak_kv_tokens = max(report.peak_kv_tokens, kv_tokens(state))
+        report.track_kv(state)
         report.fast_weight_bytes = fast_weight_bytes(state)
         keep = self.window - 1 if sleep.eviction == "sliding" else 0
         return model.evict(state, sleep.eviction, keep)
@@ -167,8 +180,8 @@ class SleepingModel(nn.Module):
             return checkpoint(self.model.run_layers, h, state, self.loop, use_reentrant=False)
         return self.model.run_layers(h, state, self.loop)
 
-    def _fast(self, state: ModelState) -> list[FastWeightState]:
-        return [state[i] for i in self.loop if isinstance(state[i], FastWeightState)]
+    def _fast_weights(self, state: ModelState) -> list[Tensor]:
+        return [state[i].weights for i in self.loop if isinstance(state[i], FastWeightState)]
 
     @contextlib.contextmanager
     def asleep(self) -> Iterator[None]:
@@ -186,35 +199,41 @@ class SleepingModel(nn.Module):
             for block, rule in zip(blocks, wake_rules, strict=True):
                 block.rule = rule
 
-    def sleep_on_context(self, context: Tensor, report: SleepReport) -> ModelState:
+    def sleep_on_context(self, context: Tensor) -> tuple[ModelState, SleepReport]:
         """Fresh fast weights, then every window of ``context`` [B, C] slept on in turn."""
-        state = self.model.init_state(context.shape[0])
+        state, report = self.model.init_state(context.shape[0]), SleepReport()
         starts = range(0, context.shape[1], self.window)
-        for index, start in enumerate(starts):
-            state = self.consolidate(context[:, start:start + self.window], state, index,
-                                     len(starts), report)
-        return state
+        report.context_windows = len(starts)
+        for start in starts:
+            state = self.consolidate(context[:, start:start + self.window], state, report)
+        return state, report
 
     def init_wake(self, context: Tensor) -> WakeState:
         """Consolidate a whole context, window by window, ready to read awake."""
-        report = SleepReport()
-        state = self.sleep_on_context(context, report)
-        return WakeState(state, state, context[:, :0], report.sleeps, report)
+        state, report = self.sleep_on_context(context)
+        return WakeState(state, state, context[:, :0], report)
 
     def wake_step(self, token: Tensor, wake: WakeState) -> tuple[Tensor, WakeState]:
         """Read one token per sequence awake (one pass): ``token`` [B] -> logits [B, V].
 
         A full wake window is first slept on and evicted, so memory stays bounded."""
-        layers, start, tokens = wake.layers, wake.window_start, wake.window_tokens
-        if tokens.shape[1] == self.window:
-            layers = start = self.consolidate(tokens, start, wake.report.sleeps,
-                                              wake.context_windows, wake.report)
-            tokens = tokens[:, :0]
-        logits, layers = self.model.step(token, layers)
-        wake.report.peak_kv_tokens = max(wake.report.peak_kv_tokens, kv_tokens(layers))
-        tokens = torch.cat([tokens, token[:, None]], dim=1)
-        return logits, dataclasses.replace(wake, layers=layers, window_start=start,
-                                           window_tokens=tokens)
+        return self._read_awake(token[:, None], wake, partial(self.model.step, token))
+
+    def _read_awake(self, tokens: Tensor, wake: WakeState,
+                    read: Callable[[ModelState], tuple[Tensor, ModelState]]
+                    ) -> tuple[Tensor, WakeState]:
+        """Read ``tokens`` [B, n] into the wake window; ``read(state) -> (logits, state)``
+        runs the model over them (``forward`` for a window, ``step`` for one token).
+
+        A full wake window is first slept on, from the state before it, and evicted; the
+        next window starts from the result, so memory stays bounded by L."""
+        if wake.window_tokens.shape[1] == self.window:
+            state = self.consolidate(wake.window_tokens, wake.window_start, wake.report)
+            wake = WakeState(state, state, wake.window_tokens[:, :0], wake.report)
+        logits, layers = read(wake.layers)
+        wake.report.track_kv(layers)
+        window_tokens = torch.cat([wake.window_tokens, tokens], dim=1)
+        return logits, dataclasses.replace(wake, layers=layers, window_tokens=window_tokens)
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, context_len: int, max_new_tokens: int

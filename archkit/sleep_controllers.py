@@ -32,6 +32,10 @@ class ControllerConfig(BaseModel):
 
 
 class SleepController:
+    """``passes`` caps the passes of a sleep; a controller whose ``watches_weights`` is true
+    is shown the fast weights around every pass and may stop early (``converged``). The
+    runtime takes those snapshots only for such a controller."""
+
     def __init__(self, sleep: SleepSpec) -> None:
         self.config = sleep.controller_config
         self.n = sleep.passes
@@ -41,9 +45,14 @@ class SleepController:
         a sleep while decoding)."""
         raise NotImplementedError
 
-    def converged(self, before: list[Tensor], after: list[Tensor], passes: int,
-                  training: bool) -> bool:
+    def watches_weights(self, training: bool) -> bool:
+        """Whether ``converged`` is to be asked after every pass."""
         return False
+
+    def converged(self, before: list[Tensor], after: list[Tensor], passes: int) -> bool:
+        """Stop after ``passes`` passes? ``before`` and ``after``: the fast weights of the
+        looping layers around the last pass."""
+        raise NotImplementedError
 
 
 @register_sleep("fixed", config=ControllerConfig, description="N passes for every window")
@@ -95,9 +104,11 @@ class Adaptive(SleepController):
             return self.n
         return choices[int(torch.randint(len(choices), ()).item())]
 
-    def converged(self, before: list[Tensor], after: list[Tensor], passes: int,
-                  training: bool) -> bool:
-        if training or passes < self.config.min_passes or not after:
+    def watches_weights(self, training: bool) -> bool:
+        return not training  # training runs a fixed or drawn N
+
+    def converged(self, before: list[Tensor], after: list[Tensor], passes: int) -> bool:
+        if passes < self.config.min_passes or not after:
             return False
         change = max(relative_change(b, a) for b, a in zip(before, after, strict=True))
         return change < self.config.tol

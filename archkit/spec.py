@@ -1,10 +1,9 @@
-"""The YAML schema of archkit: pydantic models, ``load_spec`` and ``SpecError``.
+"""The YAML schema of archkit: pydantic models, ``parse_spec`` and ``load_spec``.
 
 A spec file is a mapping validated by :class:`Spec`. Every model forbids unknown keys.
-A file may ``extends: other.yaml`` (a path relative to itself): the other file is loaded
-first and this one is deep-merged over it; keys may also be written dotted
-(``model.d_model: 128``). Errors of any kind surface as one :class:`SpecError` naming the
-file, the field path, the offending value and what was expected.
+Reading files (``extends`` chains, merging, dotted keys) is ``archkit.spec_files``'.
+Errors of any kind surface as one :class:`SpecError` naming the file, the field path, the
+offending value and what was expected.
 """
 
 from __future__ import annotations
@@ -13,41 +12,21 @@ import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from archkit.errors import SpecError
 from archkit.registry import BLOCKS, RULES, SLEEP_CONTROLLERS, TASKS, Registry, RegistryError
+from archkit.spec_files import apply_dotted, load_yaml_tree
+
+if TYPE_CHECKING:  # for annotations only: tasks sit above the spec in the data flow
+    from archkit.tasks import Task
+
+__all__ = ["ModelSpec", "SleepSpec", "Spec", "SpecError", "TaskSpec", "TrainSpec",
+           "load_spec", "parse_spec"]
 
 PositiveInt = Annotated[int, Field(gt=0)]
-
-
-class SpecError(Exception):
-    """A spec problem: which file, which field, what value, what was expected."""
-
-    def __init__(
-        self, path: str, expected: str, value: Any = None, file: str | Path | None = None
-    ) -> None:
-        self.path = path
-        self.expected = expected
-        self.value = value
-        self.file = str(file) if file is not None else None
-        super().__init__(str(self))
-
-    def with_file(self, file: str | Path) -> SpecError:
-        return SpecError(self.path, self.expected, self.value, self.file or file)
-
-    def __str__(self) -> str:
-        where = f"{self.file}: " if self.file else ""
-        field = self.path or "(top level)"
-        got = "" if self.value is None else f" (got {_short(self.value)})"
-        return f"{where}{field}{got}: {self.expected}"
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class StrictModel(BaseModel):
@@ -155,6 +134,10 @@ class TaskSpec(StrictModel):
         assert self._config is not None
         return self._config
 
+    def build(self) -> Task:
+        """The configured task (through the task registry)."""
+        return TASKS.get(self.name).obj(self.config)
+
 
 def _plugin_config(section: BaseModel, registry: Registry, prefix: str, key: str
                    ) -> BaseModel:
@@ -200,8 +183,8 @@ class TrainSpec(StrictModel):
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     eval_every: PositiveInt = 200
     eval_size: PositiveInt = 512
-    target_accuracy: Annotated[float, Field(gt=0, le=1)] | None = Field(
-        None, description="stop early once evaluation exact match reaches this")
+    target_exact: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="stop early once the evaluation's `exact` reaches this")
     checkpoint_every: PositiveInt = 200
     log_every: PositiveInt = 10
     threads: PositiveInt | None = Field(None, description="torch CPU threads (default: all)")
@@ -227,7 +210,7 @@ class Spec(StrictModel):
 
     def model_post_init(self, _context: Any) -> None:
         if self.task is not None:
-            vocab = TASKS.get(self.task.name).obj(self.task.config).vocab_size
+            vocab = self.task.build().vocab_size
             if self.model.vocab_size < vocab:
                 raise SpecError("model.vocab_size", f"at least the vocabulary of task "
                                 f"{self.task.name!r} ({vocab} tokens)", self.model.vocab_size)
@@ -248,7 +231,7 @@ class Spec(StrictModel):
             return []
         if self.task is None:
             raise SpecError("train.curriculum", "a `task:` section for the stages to adjust")
-        full = TASKS.get(self.task.name).obj(self.task.config)
+        full = self.task.build()
         tasks = []
         for i, stage in enumerate(self.train.curriculum):
             where = f"train.curriculum[{i}].task"
@@ -261,18 +244,14 @@ class Spec(StrictModel):
             except SpecError as err:
                 raise SpecError(where + err.path.removeprefix("task"), err.expected,
                                 err.value) from None
-            vocab = TASKS.get(self.task.name).obj(section.config).vocab
-            # The model learns one embedding per id, so an id must mean one token in every
-            # stage: one vocabulary has to extend the other.
-            pairs = enumerate(zip(vocab, full.vocab, strict=False))
-            clash = next((j for j, (a, b) in pairs if a != b), None)
+            staged = section.build()
+            clash = full.vocabulary_clash(staged)
             if clash is not None:
-                raise SpecError(where, "settings under which every token keeps its id in the "
-                                f"task's vocabulary (id {clash} would be {vocab[clash]!r}, "
-                                f"not {full.vocab[clash]!r})", stage.task)
-            if len(vocab) > self.model.vocab_size:
+                raise SpecError(where, f"settings under which every token keeps its id in the "
+                                f"task's vocabulary ({clash})", stage.task)
+            if staged.vocab_size > self.model.vocab_size:
                 raise SpecError("model.vocab_size", f"at least the vocabulary of curriculum "
-                                f"stage {i} ({len(vocab)} tokens)", self.model.vocab_size)
+                                f"stage {i} ({staged.vocab_size} tokens)", self.model.vocab_size)
             tasks.append(section)
         return tasks
 
@@ -382,80 +361,6 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
         if found is not None:
             return found
     return None
-
-
-def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Mappings merge recursively; anything else in ``over`` replaces ``base``."""
-    merged = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def apply_dotted(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Apply ``{"a.b.c": value}`` overrides, creating intermediate mappings."""
-    result = dict(data)
-    for dotted, value in overrides.items():
-        nested: Any = value
-        for part in reversed(dotted.split(".")):
-            nested = {part: nested}
-        result = deep_merge(result, nested)
-    return result
-
-
-def read_yaml_mapping(path: Path) -> dict[str, Any]:
-    """One YAML file as a mapping, or a SpecError naming the file."""
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise SpecError("", f"cannot read the file ({err.strerror})", file=path) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise SpecError("", f"not valid YAML: {err}".replace("\n", " "), file=path) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise SpecError("", "the file must hold a mapping of keys", type(data).__name__,
-                        file=path)
-    return data
-
-
-def read_based_on_spec(path: Path, kind: str) -> dict[str, Any]:
-    """A file built on a base spec (a search space, an experiment) as a mapping: ``name``
-    defaults to the file's stem and ``extends`` is resolved against the file's folder."""
-    data = read_yaml_mapping(path)
-    data.setdefault("name", path.stem)
-    if isinstance(data.get("extends"), str):
-        data["extends"] = (path.parent / data["extends"]).resolve()
-    elif "extends" not in data:
-        raise SpecError("extends", f"{kind} extends a base spec: extends: <spec.yaml>",
-                        file=path)
-    return data
-
-
-def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML mapping, resolving ``extends`` chains and dotted keys."""
-    path = Path(path)
-    if path.resolve() in _seen:
-        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
-        raise SpecError("extends", f"circular extends chain: {chain}", file=path)
-    data = read_yaml_mapping(path)
-    dotted = {k: v for k, v in data.items() if isinstance(k, str) and "." in k}
-    plain = {k: v for k, v in data.items() if k not in dotted and k != "extends"}
-    if "extends" in data:
-        parent = data["extends"]
-        if not isinstance(parent, str):
-            raise SpecError("extends", "a path to another YAML file", parent, file=path)
-        parent_path = (path.parent / parent)
-        if not parent_path.exists():
-            raise SpecError("extends", f"no such file: {parent_path}", parent, file=path)
-        base = load_yaml_tree(parent_path, (*_seen, path.resolve()))
-        plain = deep_merge(base, plain)
-    return apply_dotted(plain, dotted)
 
 
 def parse_spec(

@@ -14,6 +14,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
+from archkit.evaluation import Evaluation
+from archkit.metrics import tag
 from archkit.spec import Spec
 from archkit.tasks import Score
 
@@ -32,13 +34,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def score_table(score: Score, title: str, difficulty_name: str = "difficulty") -> Table:
     table = Table(title=title, title_justify="left")
-    for column in (difficulty_name, "examples", "exact match", "per answer"):
+    for column in (difficulty_name, "examples", "exact", "per_answer"):
         table.add_column(column, justify="right")
     for value, acc in sorted(score.by_difficulty.items()):
-        table.add_row(str(value), str(acc.examples), f"{acc.exact:.3f}", f"{acc.token:.3f}")
+        table.add_row(str(value), str(acc.examples), f"{acc.exact:.3f}",
+                      f"{acc.per_answer:.3f}")
     overall = score.overall
-    table.add_row("all", str(overall.examples), f"{overall.exact:.3f}", f"{overall.token:.3f}",
-                  style="bold")
+    table.add_row("all", str(overall.examples), f"{overall.exact:.3f}",
+                  f"{overall.per_answer:.3f}", style="bold")
     return table
 
 
@@ -77,41 +80,38 @@ class TrainLogger:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def step(self, step: int, loss: float, grad_norm: float, lrs: list[float],
+    def _scalars(self, section: str, step: int, metrics: dict[str, float]) -> None:
+        """``metrics`` as TensorBoard scalars tagged ``<section>/<name>`` and as one
+        ``metrics.jsonl`` record of kind ``section``."""
+        for name, value in metrics.items():
+            self.writer.add_scalar(tag(section, name), value, step)
+        self._record({"step": step, "kind": section, **metrics})
+
+    def step(self, step: int, loss: float, grad_norm: float, lrs: dict[str, float],
              tokens_per_s: float, passes: list[int], stage: int | None = None) -> None:
         self.progress.update(self.bar, completed=step, loss=f"{loss:.4f}",
                              tps=f"{tokens_per_s:,.0f}")
         if step % self.log_every:
             return
-        scalars = {"loss/train": loss, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                   "sleep/passes_mean": statistics.fmean(passes) if passes else 0.0}
-        scalars.update({f"lr/group_{i}": lr for i, lr in enumerate(lrs)})
+        metrics = {"loss": loss, "grad_norm": grad_norm, "train_tokens_per_s": tokens_per_s,
+                   "passes_per_sleep": statistics.fmean(passes) if passes else 0.0}
+        metrics.update({f"lr/{name}": lr for name, lr in lrs.items()})
         if stage is not None:
-            scalars["curriculum/stage"] = stage
-        for name, value in scalars.items():
-            self.writer.add_scalar(name, value, step)
-        self._record({"step": step, "kind": "train", **scalars})
+            metrics["curriculum_stage"] = stage
+        self._scalars("train", step, metrics)
 
-    def evaluation(self, step: int, score: Score, loss: float) -> None:
-        self.progress.update(self.bar, acc=f"{score.overall.exact:.3f}")
-        scalars = {"loss/eval": loss, "acc/exact": score.overall.exact,
-                   "acc/per_answer": score.overall.token}
-        scalars.update({f"acc/difficulty_{v}": a.exact for v, a in score.by_difficulty.items()})
-        for name, value in scalars.items():
-            self.writer.add_scalar(name, value, step)
-        self._record({"step": step, "kind": "eval", **scalars})
+    def evaluation(self, step: int, result: Evaluation) -> None:
+        self.progress.update(self.bar, acc=f"{result.score.overall.exact:.3f}")
+        self._scalars("eval", step, result.metrics())
 
-    def close(self, score: Score | None, eval_loss: float | None = None) -> None:
+    def close(self, result: Evaluation | None) -> None:
         self.progress.stop()
-        if score is not None:
-            metrics = {"final/exact": score.overall.exact, "final/per_answer": score.overall.token,
-                       "final/eval_loss": eval_loss or 0.0}
+        if result is not None:
+            metrics = result.metrics()
             if self.log_hparams:
-                self.writer.add_hparams(flatten(self.spec.model_dump(mode="json")), metrics,
+                overall = {tag("final", k): metrics[k] for k in ("exact", "per_answer", "loss")}
+                self.writer.add_hparams(flatten(self.spec.model_dump(mode="json")), overall,
                                         run_name=".")
-            final = {"exact": score.overall.exact, "per_answer": score.overall.token,
-                     "eval_loss": eval_loss,
-                     **{k: v for k, v in score.metrics().items() if "/" in k}}
-            (self.run_dir / "final.json").write_text(json.dumps(final, indent=2))
-            self.console.print(score_table(score, f"{self.spec.name}: final evaluation"))
+            (self.run_dir / "final.json").write_text(json.dumps(metrics, indent=2))
+            self.console.print(score_table(result.score, f"{self.spec.name}: final evaluation"))
         self.writer.close()

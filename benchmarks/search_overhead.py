@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from archkit.search import load_space, run_search
-from archkit.search.trial import run_trial
+from archkit.searching import load_space, run_search
+from archkit.searching.trial import run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIVIAL = {

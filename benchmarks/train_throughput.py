@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from archkit.sleep import SleepingModel
 from archkit.spec import load_spec
-from archkit.train import build, make_optimizers, require
+from archkit.trainer import make_optimizers, require
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tokens_per_second(spec_path: Path, passes: int, steps: int, warmup: int) -> float:
     spec = load_spec(spec_path, {"sleep.passes": passes})
     train_spec, task = require(spec)
-    sleeper = build(spec).train()
+    sleeper = SleepingModel.from_spec(spec).train()
     optimizers = make_optimizers(sleeper, train_spec)
     seconds = []
     for step in range(warmup + steps):
@@ -34,7 +35,7 @@ def tokens_per_second(spec_path: Path, passes: int, steps: int, warmup: int) -> 
         start = time.perf_counter()
         out = sleeper(batch.tokens, batch.context_len, batch.loss_mask)
         out.loss.backward()
-        for optimizer in optimizers:
+        for optimizer in optimizers.values():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if step >= warmup:
@@ -52,12 +53,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.spec.name}: median over {args.steps} optimiser steps, {args.threads} threads")
-    print(f"{'N':>3} {'tokens/s':>10} {'vs N=1':>8} {'1/N':>6}")
+    print(f"{'N':>3} {'train_tokens_per_s':>18} {'vs N=1':>8} {'1/N':>6}")
     base = None
     for n in args.passes:
         rate = tokens_per_second(args.spec, n, args.steps, args.warmup)
         base = base or rate
-        print(f"{n:>3} {rate:>10,.0f} {rate / base:>8.2f} {1 / n:>6.2f}")
+        print(f"{n:>3} {rate:>18,.0f} {rate / base:>8.2f} {1 / n:>6.2f}")
 
 
 if __name__ == "__main__":

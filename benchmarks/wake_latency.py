@@ -21,8 +21,8 @@ import torch
 
 from archkit.bench import measure
 from archkit.model import HybridModel
+from archkit.sleep import SleepingModel
 from archkit.spec import load_spec
-from archkit.train import build
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def sleeper_run(spec_path: Path, passes: int, window: int, context: int, tokens:
                 ) -> dict[str, float]:
     spec = load_spec(spec_path, {"sleep.passes": passes, "sleep.window": window,
                                  "sleep.controller": "fixed", "sleep.eviction": "hard"})
-    sleeper = build(spec)
+    sleeper = SleepingModel.from_spec(spec)
     ids = torch.randint(0, spec.model.vocab_size, (1, context + 1))
     return measure(sleeper, ids[:, :context], ids[:, context:], decode_tokens=tokens)
 
@@ -68,21 +68,21 @@ def main() -> None:
 
     print(f"spec {args.spec.name}, window L={args.window}, {args.threads} threads, batch 1; "
           f"median over {args.tokens} decode steps")
-    print(f"{'model':>12} {'context':>8} {'wake ms/tok':>12} {'sleep ms/win':>13} "
-          f"{'KV peak':>10}")
+    print(f"{'model':>12} {'context':>8} {'wake_ms_per_token':>18} {'sleep_ms_per_window':>20} "
+          f"{'kv_peak_bytes':>14}")
     rows = {}
     with torch.inference_mode():
         for context in args.contexts:
             base = baseline_run(args.spec, context, args.tokens, 0)
             rows["full", context] = base
-            print(f"{'full attn':>12} {context:>8} {base['wake_ms_per_token']:>12.2f} "
-                  f"{'-':>13} {base['kv_peak_bytes'] / 2**20:>8.2f}Mi")
+            print(f"{'full attn':>12} {context:>8} {base['wake_ms_per_token']:>18.2f} "
+                  f"{'-':>20} {base['kv_peak_bytes'] / 2**20:>12.2f}Mi")
             for n in args.passes:
                 row = sleeper_run(args.spec, n, args.window, context, args.tokens)
                 rows[n, context] = row
-                print(f"{'sleep N=' + str(n):>12} {context:>8} {row['wake_ms_per_token']:>12.2f}"
-                      f" {row['sleep_ms_per_window']:>13.1f} "
-                      f"{row['kv_peak_bytes'] / 2**20:>8.2f}Mi")
+                print(f"{'sleep N=' + str(n):>12} {context:>8} {row['wake_ms_per_token']:>18.2f}"
+                      f" {row['sleep_ms_per_window']:>20.1f} "
+                      f"{row['kv_peak_bytes'] / 2**20:>12.2f}Mi")
 
     lo, hi = min(args.contexts), max(args.contexts)
     n_lo, n_hi = min(args.passes), max(args.passes)

@@ -1,19 +1,22 @@
-"""Pieces shared by the blocks: the Block contract, states, norms, the short convolution."""
+"""The block contract and its state types, shared by every block and by the model.
+
+A block maps a window of hidden states and a state to outputs and the next state
+(``Block``); its state is a ``KVCache`` (attention), a ``FastWeightState`` (fast-weight
+blocks, see ``fast_weight.py``) or ``None``. ``map_state`` and ``state_bytes`` work on any
+of them; ``RMSNorm`` is the plain norm of the model and of attention.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
-
-from archkit.registry import RULES
 
 EvictionPolicy = Literal["hard", "sliding"]
 
@@ -114,111 +117,6 @@ class Block(nn.Module):
         return next(self.parameters())
 
 
-class FastWeightConfig(BlockConfig):
-    """Fields shared by the blocks built on a fast-weight rule."""
-
-    n_heads: Annotated[int, Field(gt=0, description="default: model.n_heads")]
-    head_dim: Annotated[int, Field(gt=0)] | None = Field(
-        None, description="key dim K per head (default: d_model // n_heads)"
-    )
-    conv_size: Annotated[int, Field(ge=1)] = Field(4, description="short conv width")
-    rule: str = Field(description="registered local update rule")
-    impl: Literal["auto", "reference", "chunk", "triton"] = "auto"
-
-    def check(self, d_model: int) -> tuple[str, str] | None:
-        if self.head_dim is None and d_model < self.n_heads:
-            return "n_heads", f"at most d_model={d_model} (or set head_dim)"
-        if self.rule not in RULES:
-            return "rule", RULES.unknown_message(self.rule)
-        return None
-
-
-class QKVConfig(FastWeightConfig):
-    expand_v: Annotated[float, Field(gt=0)] = Field(1.0, description="V = K * expand_v")
-
-
-class FastWeightBlock(Block):
-    """State handling of fast-weight blocks: the weights persist, the conv tail is local.
-
-    ``rule`` names the registered local update rule; it is a plain attribute so another
-    rule can be swapped in with the same projections (e.g. while asleep).
-    """
-
-    def __init__(self, n_heads: int, key_dim: int, value_dim: int, conv_channels: int,
-                 config: FastWeightConfig, scalar_decay: bool = True) -> None:
-        super().__init__()
-        self.n_heads, self.key_dim, self.value_dim = n_heads, key_dim, value_dim
-        self.rule, self.impl = config.rule, config.impl
-        self.conv = ShortConv(conv_channels, config.conv_size)
-        if not scalar_decay:
-            return
-        self.A_log = nn.Parameter(torch.log(torch.empty(n_heads).uniform_(1, 16)))
-        dt = torch.exp(torch.empty(n_heads).uniform_(math.log(1e-3), math.log(1e-1)))
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
-
-    def init_state(self, batch_size: int) -> FastWeightState:
-        p = self._param()
-        weights = p.new_zeros(batch_size, self.n_heads, self.key_dim, self.value_dim)
-        return FastWeightState(weights, self.conv.initial_tail(batch_size, p))
-
-    def evict(self, state: FastWeightState, policy: EvictionPolicy, keep: int = 0
-              ) -> FastWeightState:
-        if policy == "sliding":
-            return state
-        return FastWeightState(state.weights, torch.zeros_like(state.conv_tail))
-
-    def rewind(self, before: FastWeightState, after: FastWeightState) -> FastWeightState:
-        return FastWeightState(after.weights, before.conv_tail)
-
-    def time_step(self, logit: Tensor) -> Tensor:
-        """Mamba's discretisation step dt = softplus(logit + dt_bias) > 0, per head."""
-        return F.softplus(logit + self.dt_bias)
-
-    def apply_rule(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None,
-                   state: FastWeightState, scale: float) -> tuple[Tensor, Tensor]:
-        rule = RULES.get(self.rule).obj
-        return rule(q, k, v, g, beta, scale=scale, initial_state=state.weights,
-                    output_final_state=True, impl=self.impl)
-
-    def mixing_flops_per_token(self, context: int) -> int:
-        return 6 * self.n_heads * self.key_dim * self.value_dim
-
-
-class QKVFastWeightBlock(FastWeightBlock):
-    """The GDN-style body: conv'd q, k, v with unit-norm q, k; gated RMSNorm output.
-
-    Subclasses choose the decay ``g`` and write strength ``beta`` from ``gate_logits``,
-    a projection of x with ``gate_width`` channels.
-    """
-
-    def __init__(self, d_model: int, config: QKVConfig, gate_width: int,
-                 norm_eps: float, scalar_decay: bool = True) -> None:
-        h = config.n_heads
-        key_dim = config.head_dim or d_model // h
-        value_dim = max(1, round(key_dim * config.expand_v))
-        self.widths = [h * key_dim, h * key_dim, h * value_dim]
-        super().__init__(h, key_dim, value_dim, sum(self.widths), config, scalar_decay)
-        self.qkv_proj = nn.Linear(d_model, sum(self.widths), bias=False)
-        self.gate_logits = nn.Linear(d_model, gate_width, bias=False)
-        self.gate_proj = nn.Linear(d_model, self.widths[2], bias=False)
-        self.out_norm = GatedRMSNorm(value_dim, norm_eps)
-        self.o_proj = nn.Linear(self.widths[2], d_model, bias=False)
-
-    def decay_and_beta(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
-
-    def forward(self, x: Tensor, state: FastWeightState) -> tuple[Tensor, FastWeightState]:
-        batch, length, _ = x.shape
-        heads = (batch, length, self.n_heads, -1)
-        qkv, tail = self.conv(self.qkv_proj(x), state.conv_tail)
-        q, k, v = (part.view(heads) for part in qkv.split(self.widths, dim=-1))
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        g, beta = self.decay_and_beta(self.gate_logits(x))
-        o, weights = self.apply_rule(q, k, v, g, beta, state, self.key_dim**-0.5)
-        o = self.out_norm(o, self.gate_proj(x).view(heads))
-        return self.o_proj(o.reshape(batch, length, -1)), FastWeightState(weights, tail)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -227,31 +125,3 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
-class GatedRMSNorm(RMSNorm):
-    """``rmsnorm(x) * silu(gate)``: the output norm of GDN and Mamba2, per head."""
-
-    def forward(self, x: Tensor, gate: Tensor) -> Tensor:  # type: ignore[override]
-        return super().forward(x) * F.silu(gate)
-
-
-class ShortConv(nn.Module):
-    """Causal depthwise convolution of width W with SiLU, carrying its last W-1 inputs.
-
-    Carrying the tail makes a sequence split into windows give exactly the one-call
-    result; a zero tail is the usual causal zero padding.
-    """
-
-    def __init__(self, channels: int, width: int) -> None:
-        super().__init__()
-        self.width = width
-        self.conv = nn.Conv1d(channels, channels, width, groups=channels, bias=False)
-
-    def initial_tail(self, batch_size: int, like: Tensor) -> Tensor:
-        return like.new_zeros(batch_size, self.width - 1, self.conv.in_channels)
-
-    def forward(self, x: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
-        padded = torch.cat([tail, x], dim=1)
-        y = self.conv(padded.transpose(1, 2)).transpose(1, 2)
-        return F.silu(y), padded[:, padded.shape[1] - (self.width - 1) :]

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
-from archkit.blocks.common import QKVConfig, QKVFastWeightBlock
+from archkit.blocks.fast_weight import QKVConfig, QKVFastWeightBlock
 from archkit.registry import register_block
 
 

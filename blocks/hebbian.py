@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from archkit.blocks.common import QKVConfig, QKVFastWeightBlock
+from archkit.blocks.fast_weight import QKVConfig, QKVFastWeightBlock
 from archkit.registry import register_block
 
 GLA_GATE_NORMALISER = 16.0  # keeps per-key decays close to 1 at initialisation

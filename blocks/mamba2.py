@@ -20,7 +20,8 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from archkit.blocks.common import FastWeightBlock, FastWeightConfig, FastWeightState, GatedRMSNorm
+from archkit.blocks.common import FastWeightState
+from archkit.blocks.fast_weight import FastWeightBlock, FastWeightConfig, GatedRMSNorm
 from archkit.registry import register_block
 
 

@@ -10,7 +10,7 @@ from test_train import ROOT, TINY, interrupted_and_resumed
 
 from archkit.spec import Spec, SpecError, load_spec
 from archkit.tasks import Task, TaskBatch
-from archkit.train import curriculum, require, train
+from archkit.trainer import curriculum, require, train
 
 # The task draws t in 1..3; the first 6 steps only t in 1..2, as a stage.
 STAGED = {**TINY, "train.curriculum": [{"steps": 6, "task": {"steps": [1, 2]}}]}
@@ -41,9 +41,9 @@ def test_training_batches_come_from_the_stage_then_from_the_task(
     assert sorted(drawn) == list(range(12))
     assert set().union(*(drawn[s] for s in range(6))) == {1, 2}
     assert set().union(*(drawn[s] for s in range(6, 12))) == {1, 2, 3}
-    assert result.final is not None and set(result.final.by_difficulty) == {1, 2, 3}
+    assert result.final is not None and set(result.final.score.by_difficulty) == {1, 2, 3}
     records = [json.loads(line) for line in (tmp_path / "r/metrics.jsonl").open()]
-    stages = [r["curriculum/stage"] for r in records if r["kind"] == "train"]
+    stages = [r["curriculum_stage"] for r in records if r["kind"] == "train"]
     assert stages == [0] * 6 + [1] * 6  # records count finished steps: 6 ends stage 0
 
 

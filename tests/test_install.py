@@ -1,4 +1,5 @@
-"""A built wheel (not only the editable install) ships archkit.blocks and archkit.kernels."""
+"""A built wheel (not only the editable install) ships archkit.blocks and archkit.kernels,
+and the metric table (archkit/metrics.yaml)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ def test_wheel_installs_the_mapped_packages(tmp_path: Path) -> None:
         check=True, capture_output=True,
     )
     probe = (
-        "import archkit, archkit.blocks, archkit.kernels, archkit.tasks, archkit.search\n"
+        "import archkit, archkit.blocks, archkit.kernels, archkit.tasks, archkit.searching\n"
         "from archkit.registry import BLOCKS, RULES\n"
+        "from archkit.metrics import METRICS\n"
         "print(archkit.__file__); print(archkit.blocks.__file__); print(archkit.kernels.__file__)\n"
-        "print(','.join(BLOCKS.names())); print(','.join(RULES.names()))\n"
+        "print(','.join(BLOCKS.names())); print(','.join(RULES.names())); print(len(METRICS))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
@@ -37,6 +39,7 @@ def test_wheel_installs_the_mapped_packages(tmp_path: Path) -> None:
         assert path.startswith(str(target)), path
     assert lines[3] == "attention,gated_delta,hebbian,mamba2,mlp"
     assert {"delta", "gated_delta", "hebbian"} <= set(lines[4].split(","))
+    assert int(lines[5]) > 20
     find = "import importlib.util as u; s = u.find_spec('kernels'); print(s and s.origin)"
     origin = subprocess.run([sys.executable, "-c", find], capture_output=True, text=True,
                             cwd=tmp_path, env=env, check=True).stdout.strip()

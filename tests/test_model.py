@@ -60,6 +60,19 @@ def test_gradients_agree_between_one_call_and_windows() -> None:
         torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12)
 
 
+def test_rewind_resets_local_context_of_the_given_layers_only() -> None:
+    model = tiny_model()
+    before = model.init_state(2)
+    _, after = model(torch.randint(0, model.spec.vocab_size, (2, 7)), before)
+    rewound = model.rewind(before, after, range(1, 4))
+    assert rewound[0] is after[0] and rewound[4] is after[4]  # outside the range: as now
+    assert rewound[1].weights is after[1].weights  # fast weights persist
+    assert rewound[1].conv_tail is before[1].conv_tail  # the conv re-reads the window
+    assert rewound[2].weights is after[2].weights and rewound[3].weights is after[3].weights
+    attention = model.rewind(before, after, range(5))
+    assert attention[0] is before[0] and attention[4] is before[4]  # KV rebuilt each pass
+
+
 def test_tied_embeddings_share_one_tensor() -> None:
     model = tiny_model("float32")
     assert model.head.weight is model.embedding.weight

@@ -72,7 +72,7 @@ def test_one_pass_sliding_eviction_is_sliding_window_attention() -> None:
               for s in model.init_state(2)]
     direct, _ = model(tokens, banded)  # the whole sequence at once, each query sees L tokens
     torch.testing.assert_close(out.logits, direct[:, context:], rtol=1e-10, atol=1e-12)
-    assert out.report.peak_kv_tokens <= 2 * L - 1
+    assert out.report.kv_peak_tokens <= 2 * L - 1
 
 
 def test_two_passes_equal_two_manual_passes() -> None:
@@ -120,7 +120,7 @@ def test_memory_stays_bounded_and_fast_weights_change() -> None:
     tokens = torch.randint(0, 16, (2, 10 * L + 3))
     out = sleeper(tokens, 10 * L)
     assert out.report.sleeps == 10
-    assert out.report.peak_kv_tokens <= L
+    assert out.report.kv_peak_tokens <= L
     assert max(s.tokens for s in out.state if isinstance(s, KVCache)) == 3
     fresh = sleeper.model.init_state(2)
     for now, start in zip(out.state, fresh, strict=True):
@@ -164,8 +164,7 @@ def test_pass_norm_rescales_each_later_pass_to_the_first_pass_scale() -> None:
     handle = first_loop_layer.register_forward_pre_hook(
         lambda _module, args: entries.append(args[0].detach()))
     window = tokens[:, :L]
-    sleeper.consolidate(window, sleeper.model.init_state(2), 0, 1,
-                        SleepReport())
+    sleeper.consolidate(window, sleeper.model.init_state(2), SleepReport(context_windows=1))
     handle.remove()
     assert len(entries) == 3
     rms = [e.pow(2).mean(-1).sqrt() for e in entries]
@@ -221,6 +220,46 @@ def test_schedule_by_window_and_by_depth() -> None:
     assert last(tokens, context).report.passes == [2, 2, 3]
 
 
+def test_only_an_adaptive_controller_at_inference_sees_fast_weight_snapshots() -> None:
+    settings = {"fixed": {}, "schedule": {"schedule": [2]}, "adaptive": {}}
+    watching = {(name, training): build(controller=name, **extra).controller
+                .watches_weights(training)
+                for name, extra in settings.items() for training in (True, False)}
+    assert watching == {("fixed", True): False, ("fixed", False): False,
+                        ("schedule", True): False, ("schedule", False): False,
+                        ("adaptive", True): False, ("adaptive", False): True}
+    fixed, snapshots = build(passes=2).eval(), []
+
+    def snapshot(state: list[Any]) -> list[torch.Tensor]:
+        snapshots.append(state)
+        return []
+
+    fixed._fast_weights = snapshot  # type: ignore[method-assign]
+    tokens, _, context = batch()
+    assert fixed(tokens, context).report.passes == [2] * 5
+    assert snapshots == []
+
+
+def test_window_index_counts_context_then_decode_sleeps() -> None:
+    sleeper = build(controller="schedule", schedule=[3, 1]).eval()
+    asked: list[tuple[int, int]] = []
+    passes = sleeper.controller.passes
+
+    def spy(index: int, n_windows: int, training: bool) -> int:
+        asked.append((index, n_windows))
+        return passes(index, n_windows, training)
+
+    sleeper.controller.passes = spy  # type: ignore[method-assign]
+    tokens, _, context = batch(total=30, context=12)  # 3 context windows, 18 tokens awake
+    report = sleeper(tokens, context).report
+    assert asked == [(i, 3) for i in range(3 + 3)]
+    assert (report.context_windows, report.sleeps, report.passes) == (3, 6, [3] + [1] * 5)
+    asked.clear()
+    _, _, report = sleeper.generate(tokens[:, :14], context, max_new_tokens=9)
+    assert asked == [(i, 3) for i in range(3 + 2)]  # 2 + 9 tokens read awake: 2 wake sleeps
+    assert (report.context_windows, report.sleeps) == (3, 5)
+
+
 def test_sleep_rule_override_equals_a_block_with_that_rule() -> None:
     tokens, _, context = batch(total=16, context=15)
     swapped = build(passes=2, rule="delta")
@@ -246,7 +285,7 @@ def test_generate_equals_teacher_forced_logits() -> None:
         forced = sleeper(full, context).logits
     # the logits that chose token j sit at prompt position 13 + j
     torch.testing.assert_close(logits, forced[:, 1:1 + 9], rtol=1e-9, atol=1e-10)
-    assert report.sleeps == 3 + 2 and report.peak_kv_tokens <= L
+    assert report.sleeps == 3 + 2 and report.kv_peak_tokens <= L
 
 
 def test_bad_sleep_sections(tmp_path: Path) -> None:

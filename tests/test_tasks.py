@@ -187,7 +187,7 @@ def test_score_counts_examples_and_tokens_per_difficulty() -> None:
     task = get_task("rule110", steps=[1, 2])
     batch = task.sample(40, seed=0)
     perfect = task.score(batch.tokens.clone(), batch)
-    assert perfect.overall.exact == perfect.overall.token == 1.0
+    assert perfect.overall.exact == perfect.overall.per_answer == 1.0
     assert perfect.overall.examples == 40
     assert sum(a.examples for a in perfect.by_difficulty.values()) == 40
 
@@ -197,7 +197,7 @@ def test_score_counts_examples_and_tokens_per_difficulty() -> None:
     wrong[:, : task.context_len] = 0  # context positions are never scored
     score = task.score(wrong, batch)
     assert score.overall.exact == pytest.approx(39 / 40)
-    assert score.overall.token == pytest.approx(79 / 80)
+    assert score.overall.per_answer == pytest.approx(79 / 80)
     hard = int(batch.difficulty[0])
     count = score.by_difficulty[hard].examples
     assert score.by_difficulty[hard].exact == pytest.approx((count - 1) / count)

@@ -12,16 +12,11 @@ import pytest
 import torch
 from torch import nn
 
+from archkit.checkpoint import load_run
+from archkit.evaluation import evaluate_run
 from archkit.sleep import SleepingModel
 from archkit.spec import Spec, SpecError, load_spec
-from archkit.train import (
-    TrainingDiverged,
-    build,
-    evaluate_run,
-    make_optimizers,
-    split_parameters,
-    train,
-)
+from archkit.trainer import TrainingDiverged, make_optimizers, split_parameters, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -44,7 +39,7 @@ def test_a_few_steps_lower_the_loss_and_repeat_exactly(tmp_path: Path) -> None:
     losses = list(first.losses.values())
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     assert first.losses == second.losses
-    assert first.final is not None and 0 <= first.final.overall.exact <= 1
+    assert first.final is not None and 0 <= first.final.score.overall.exact <= 1
 
 
 def interrupted_and_resumed(spec: Spec, run_dir: Path, cut_after: int) -> dict[int, float]:
@@ -81,7 +76,7 @@ def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path: Path) -> Non
 
 
 def test_muon_gets_exactly_the_hidden_matrices() -> None:
-    sleeper = build(tiny_spec())
+    sleeper = SleepingModel.from_spec(tiny_spec())
     hidden, others = split_parameters(sleeper)
     linear_weights = {id(m.weight) for name, m in sleeper.model.layers.named_modules()
                       if isinstance(m, nn.Linear)}
@@ -90,21 +85,23 @@ def test_muon_gets_exactly_the_hidden_matrices() -> None:
     embedding = sleeper.model.embedding.weight
     assert any(p is embedding for p in others) and all(p is not embedding for p in hidden)
     assert len(hidden) + len(others) == len(list(sleeper.parameters()))
-    muon, adamw = make_optimizers(sleeper, tiny_spec().train)
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
-    assert sum(len(g["params"]) for g in muon.param_groups) == len(hidden)
+    optimizers = make_optimizers(sleeper, tiny_spec().train)
+    assert list(optimizers) == ["muon", "adamw"]
+    assert isinstance(optimizers["muon"], torch.optim.Muon)
+    assert isinstance(optimizers["adamw"], torch.optim.AdamW)
+    assert sum(len(g["params"]) for g in optimizers["muon"].param_groups) == len(hidden)
     only = make_optimizers(sleeper, tiny_spec(**{"train.optimizer": "adamw"}).train)
-    assert len(only) == 1 and isinstance(only[0], torch.optim.AdamW)
+    assert list(only) == ["adamw"] and isinstance(only["adamw"], torch.optim.AdamW)
 
 
 def test_eval_of_the_checkpoint_equals_the_final_evaluation(tmp_path: Path) -> None:
     result = train(tiny_spec(), tmp_path / "r", progress=False)
-    _, score, _ = evaluate_run(tmp_path / "r")
-    assert score == result.final
+    again = evaluate_run(load_run(tmp_path / "r"))
+    assert again == result.final
     final = json.loads((tmp_path / "r/final.json").read_text())
-    assert final["exact"] == score.overall.exact
-    _, longer, _ = evaluate_run(tmp_path / "r", {"sleep.passes": 3})
-    assert longer.overall.examples == score.overall.examples
+    assert final == again.metrics()
+    longer = evaluate_run(load_run(tmp_path / "r", {"sleep.passes": 3}))
+    assert longer.score.overall.examples == again.score.overall.examples
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
@@ -117,8 +114,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) ->
         train(tiny_spec(), tmp_path / "r", progress=False, on_step=poison)
     record = json.loads((tmp_path / "r/diverged.json").read_text())
     assert record["step"] == 6 and record["last_checkpoint"] == 4
-    _, _, loss = evaluate_run(tmp_path / "r")
-    assert math.isfinite(loss)
+    assert math.isfinite(evaluate_run(load_run(tmp_path / "r")).loss)
 
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -143,3 +139,12 @@ def test_cli_train_eval_and_bench(tmp_path: Path) -> None:
         assert figures[key] > 0, key
     missing = run_cli("eval", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "no checkpoint" in missing.stderr
+
+
+def test_training_stops_at_the_first_evaluation_that_reaches_target_exact(
+        tmp_path: Path) -> None:
+    result = train(tiny_spec(**{"train.target_exact": 1e-9}), tmp_path / "r", progress=False)
+    assert max(result.losses) == TINY["train.eval_every"] - 1  # steps 0..5, then stopped
+    assert result.final is not None
+    assert load_run(tmp_path / "r").final == result.final.metrics()
+    assert torch.load(tmp_path / "r/checkpoint/trainer.pt", weights_only=False)["step"] == 6

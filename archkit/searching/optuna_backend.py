@@ -18,6 +18,7 @@ import fcntl
 import multiprocessing
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,9 +28,10 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
-from archkit.search.pareto import write_reports
-from archkit.search.space import SearchSpace
-from archkit.search.trial import TrialInterrupted, load_results, run_trial
+from archkit.searching.backends import SearchJob
+from archkit.searching.pareto import write_reports
+from archkit.searching.space import SearchSpace
+from archkit.searching.trial import TrialInterrupted, load_results, run_trial, trial_line
 
 console = Console()
 
@@ -47,8 +49,13 @@ def file_lock(path: Path) -> Iterator[None]:
 def open_study(space: SearchSpace, root: Path) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = JournalStorage(JournalFileBackend(str(root / "study.journal")))
-    return optuna.create_study(study_name=space.name, storage=storage, load_if_exists=True,
-                               directions=space.directions, sampler=space.make_sampler())
+    study = optuna.create_study(study_name=space.name, storage=storage, load_if_exists=True,
+                                directions=space.directions, sampler=space.make_sampler())
+    if study.metric_names is None:  # Optuna's tools then show "exact", not "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(space.metrics)
+    return study
 
 
 def used_budget(trial: FrozenTrial) -> bool:
@@ -97,15 +104,7 @@ def worker(space: SearchSpace, root: Path, threads: int, progress: bool,
             study.tell(trial, state=TrialState.FAIL)
         console.print(trial_line(record, space.metrics))
         with file_lock(root / ".report.lock"):
-            write_reports(root, load_results(root), space.metrics, space.directions)
-
-
-def trial_line(record: dict, metrics: list[str]) -> str:
-    params = ", ".join(f"{k}={v}" for k, v in record["params"].items())
-    if record["state"] != "complete":
-        return f"trial {record['trial']} ({params}) {record['state']}: {record['reason']}"
-    values = ", ".join(f"{m} {record['metrics'][m]:.4g}" for m in metrics)
-    return f"trial {record['trial']} ({params}): {values}"
+            write_reports(root, load_results(root), space)
 
 
 def _worker_process(space_json: str, root: str, threads: int, deadline: float | None,
@@ -117,8 +116,10 @@ def _worker_process(space_json: str, root: str, threads: int, deadline: float | 
         console.print(f"worker {index}: interrupted, checkpoint saved")
 
 
-def run_optuna(space: SearchSpace, root: Path, workers: int, progress: bool,
-               deadline: float | None) -> None:
+def run(job: SearchJob) -> None:
+    """The backend's entry point (``archkit.searching.backends``)."""
+    space, root, workers, progress, deadline = (job.space, job.root, job.workers,
+                                                job.progress, job.deadline)
     study = open_study(space, root)
     enqueued = recover(study)
     if enqueued:

@@ -19,6 +19,9 @@ from matplotlib.figure import Figure
 from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
+from archkit.metrics import tag
+from archkit.searching.space import SearchSpace
+
 
 def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
     """``a`` is at least as good as ``b`` everywhere and strictly better somewhere."""
@@ -52,18 +55,17 @@ def varying_params(results: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({repr(r["params"].get(k)) for r in results}) > 1] or keys
 
 
-def front_table(results: list[dict[str, Any]], metrics: Sequence[str],
-                directions: Sequence[str], title: str) -> Table:
-    front = front_of(results, metrics, directions)
+def front_table(results: list[dict[str, Any]], space: SearchSpace, title: str) -> Table:
+    """The front: the parameters that vary on it, the objectives and the columns."""
+    front = front_of(results, space.metrics, space.directions)
     table = Table(title=title, title_justify="left")
     params = varying_params(front) if front else []
-    for column in ["trial", *params, *metrics, "latency spread", "params (count)"]:
+    shown = space.shown_metrics
+    for column in ["trial", *params, *shown]:
         table.add_column(column, justify="right")
-    for r in sorted(front, key=lambda r: r["metrics"][metrics[-1]]):
-        values = [_fmt(r["metrics"][m]) for m in metrics]
-        table.add_row(r["trial"], *(_fmt(r["params"].get(k)) for k in params), *values,
-                      f"{r['metrics'].get('wake_ms_spread', 0.0):.0%}",
-                      f"{r['metrics'].get('params', 0):,}")
+    for r in sorted(front, key=lambda r: r["metrics"][space.metrics[-1]]):
+        table.add_row(r["trial"], *(_fmt(r["params"].get(k)) for k in params),
+                      *(_fmt(r["metrics"].get(m)) for m in shown))
     return table
 
 
@@ -73,31 +75,30 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def write_reports(root: Path, results: list[dict[str, Any]], metrics: Sequence[str],
-                  directions: Sequence[str]) -> list[dict[str, Any]]:
-    """Write ``pareto.csv`` (every complete trial, front first), ``pareto.png`` and the
-    TensorBoard front; return the front."""
+def write_reports(root: Path, results: list[dict[str, Any]], space: SearchSpace
+                  ) -> list[dict[str, Any]]:
+    """Write ``pareto.csv`` (every complete trial, front first: its parameters, objectives
+    and columns), ``pareto.png`` and the TensorBoard front; return the front."""
+    metrics, directions = space.metrics, space.directions
     candidates = competing(results, metrics)
     front = front_of(results, metrics, directions)
     on_front = {r["trial"] for r in front}
     params = sorted({k for r in candidates for k in r["params"]})
-    extra = ["wake_ms_spread", "params"]
+    shown = space.shown_metrics
     with open(root / "pareto.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["trial", "on_front", *params, *metrics,
-                         *(e for e in extra if e not in metrics)])
+        writer.writerow(["trial", "on_front", *params, *shown])
         for r in sorted(candidates, key=lambda r: r["trial"] not in on_front):
             writer.writerow([r["trial"], r["trial"] in on_front,
                              *(r["params"].get(k) for k in params),
-                             *(r["metrics"][m] for m in metrics),
-                             *(r["metrics"].get(e) for e in extra if e not in metrics)])
+                             *(r["metrics"].get(m) for m in shown)])
     if len(metrics) >= 2 and candidates:
         figure = plot_front(candidates, on_front, metrics, directions)
         figure.savefig(root / "pareto.png", dpi=120, bbox_inches="tight")
         board = root / "front"
         shutil.rmtree(board, ignore_errors=True)  # the front is redrawn whole, never appended
         with SummaryWriter(str(board)) as writer:
-            writer.add_figure("pareto/front", figure, global_step=len(candidates))
+            writer.add_figure("front/figure", figure, global_step=len(candidates))
             _scalar_scatter(writer, candidates, front, metrics)
     return front
 
@@ -105,7 +106,8 @@ def write_reports(root: Path, results: list[dict[str, Any]], metrics: Sequence[s
 def plot_front(candidates: list[dict[str, Any]], on_front: set[str], metrics: Sequence[str],
                directions: Sequence[str]) -> Figure:
     """The second objective (x) against the first (y), the front highlighted; each point
-    labelled by its sleep passes and layer pattern. Latency carries its repeat range."""
+    labelled by its sleep passes and layer pattern. Wake latency carries the range of its
+    bench repeats."""
     y_metric, x_metric = metrics[0], metrics[1]
     figure = Figure(figsize=(6.4, 4.4))
     ax = figure.subplots()
@@ -117,10 +119,10 @@ def plot_front(candidates: list[dict[str, Any]], on_front: set[str], metrics: Se
         xs = [r["metrics"][x_metric] for r in members]
         ys = [r["metrics"][y_metric] for r in members]
         if x_metric == "wake_ms_per_token":
-            err = [[x - r["metrics"].get("wake_ms_min", x) for x, r in zip(xs, members,
-                                                                          strict=True)],
-                   [r["metrics"].get("wake_ms_max", x) - x for x, r in zip(xs, members,
-                                                                          strict=True)]]
+            ranges = [r.get("wake_ms_per_token_repeats") or [x] for x, r in
+                      zip(xs, members, strict=True)]
+            err = [[x - min(rs) for x, rs in zip(xs, ranges, strict=True)],
+                   [max(rs) - x for x, rs in zip(xs, ranges, strict=True)]]
             ax.errorbar(xs, ys, xerr=err, fmt="o", capsize=3, **style)
         else:
             ax.scatter(xs, ys, **style)
@@ -143,11 +145,10 @@ def plot_front(candidates: list[dict[str, Any]], on_front: set[str], metrics: Se
 
 def _scalar_scatter(writer: SummaryWriter, candidates: list[dict[str, Any]],
                     front: list[dict[str, Any]], metrics: Sequence[str]) -> None:
-    """Objective 1 against objective 2 as TensorBoard scalars: the x value (in thousandths,
-    so that milliseconds become integer microseconds) is the step."""
+    """Objective 1 as TensorBoard scalars ``trials/<metric>`` and ``front/<metric>`` whose
+    step is objective 2 in thousandths (so that milliseconds become integer microseconds)."""
     y_metric, x_metric = metrics[0], metrics[1]
-    for tag, members in (("trials", candidates), ("front", front)):
+    for section, members in (("trials", candidates), ("front", front)):
         for r in sorted(members, key=lambda r: r["metrics"][x_metric]):
             step = round(r["metrics"][x_metric] * 1000)
-            writer.add_scalar(f"pareto/{tag}_{y_metric}_by_{x_metric}_x1000",
-                              r["metrics"][y_metric], step)
+            writer.add_scalar(tag(section, y_metric), r["metrics"][y_metric], step)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,12 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 
-from archkit.search.optuna_backend import trial_line
-from archkit.search.pareto import write_reports
-from archkit.search.space import SearchSpace
-from archkit.search.trial import RESULT, load_results, run_trial
+from archkit.metrics import find
+from archkit.searching.backends import SearchJob
+from archkit.searching.pareto import write_reports
+from archkit.searching.space import SearchSpace
+from archkit.searching.trial import RESULT, load_results, run_trial, trial_line
+from archkit.spec import SpecError
 
 console = Console()
 
@@ -41,16 +44,18 @@ def _trainable(config: dict[str, Any], space_json: str, root: str, threads: int)
     run_dir = Path(root) / "trials" / f"ray_{trial_id}"
     params = {key: config[key] for key in space.params}
 
-    def report(metrics: dict[str, float], final: bool) -> None:
-        tune.report({**metrics, "final": final})
-
-    record = run_trial(space, params, run_dir, f"ray_{trial_id}", threads, report=report)
+    record = run_trial(space, params, run_dir, f"ray_{trial_id}", threads, report=tune.report)
     if record["state"] != "complete":
         raise RuntimeError(record["reason"])
 
 
-def run_ray(space: SearchSpace, root: Path, address: str | None,
-            deadline_s: float | None) -> None:
+def run(job: SearchJob) -> None:
+    """The backend's entry point (``archkit.searching.backends``)."""
+    if job.workers > 1:
+        raise SpecError("--workers", "Ray Tune runs as many trials at once as the cluster's "
+                        "CPUs allow; --workers is for the optuna backend", job.workers)
+    space, root, address = job.space, job.root, job.address
+    deadline_s = job.deadline - time.time() if job.deadline is not None else None
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter honours verbose=0
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     threads = space.threads or 1
@@ -125,8 +130,7 @@ class Reporter(tune.Callback):
         record = record_unfinished(self.space, self.root, trial.trial_id, trial.config,
                                    trial.last_result or {}, state, reason)
         console.print(trial_line(record, self.space.metrics))
-        write_reports(self.root, load_results(self.root), self.space.metrics,
-                      self.space.directions)
+        write_reports(self.root, load_results(self.root), self.space)
 
 
 def record_unfinished(space: SearchSpace, root: Path, trial_id: str, config: dict[str, Any],
@@ -137,8 +141,7 @@ def record_unfinished(space: SearchSpace, root: Path, trial_id: str, config: dic
     path = run_dir / RESULT
     if path.exists():
         return json.loads(path.read_text())
-    metrics = {k: v for k, v in last.items()
-               if k in space.metrics or k.startswith(("accuracy", "wake_ms"))}
+    metrics = {k: v for k, v in last.items() if find(k) is not None}  # not Ray's own keys
     record = {"trial": f"ray_{trial_id}", "state": state, "reason": reason,
               "params": {k: config.get(k) for k in space.params}, "metrics": metrics}
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Architecture search: a search-space YAML -> trials on Optuna or Ray Tune -> Pareto fronts.
+"""Running a search: claim ``runs/<name>``, hand the trials to a backend, write the front.
 
 ``runs/<name>/`` holds everything: ``search.json`` (the space, so that a rerun resumes only
 the same search), the study (``study.journal`` or ``ray/``), one run directory per trial
@@ -11,21 +11,17 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from archkit.search.pareto import front_of, front_table, pareto_front, write_reports
-from archkit.search.space import SearchSpace, load_space
-from archkit.search.trial import load_results
+from archkit.searching.backends import SearchJob, run_backend
+from archkit.searching.pareto import write_reports
+from archkit.searching.space import SearchSpace
+from archkit.searching.trial import load_results
 from archkit.spec import SpecError
 
 SEARCH_FILE = "search.json"
-Backend = Literal["optuna", "ray"]
 
-__all__ = ["SearchSpace", "front_of", "front_table", "load_search", "load_space",
-           "pareto_front", "run_search"]
-
-
-def run_search(space: SearchSpace, runs: Path, backend: Backend = "optuna", workers: int = 1,
+def run_search(space: SearchSpace, runs: Path, backend: str = "optuna", workers: int = 1,
                address: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) ``space`` into ``runs/<name>``; return the Pareto front."""
     root = runs / space.name
@@ -33,16 +29,9 @@ def run_search(space: SearchSpace, runs: Path, backend: Backend = "optuna", work
     _claim(root, space, backend)
     wall = space.budget.wall_minutes
     deadline = time.time() + wall * 60 if wall else None
-    if backend == "ray":
-        from archkit.search.ray_backend import run_ray
-
-        run_ray(space, root, address, wall * 60 if wall else None)
-    else:
-        from archkit.search.optuna_backend import run_optuna
-
-        run_optuna(space, root, workers, progress, deadline)
+    run_backend(backend, SearchJob(space, root, workers, address, progress, deadline))
     results = load_results(root)
-    front = write_reports(root, results, space.metrics, space.directions)
+    front = write_reports(root, results, space)
     if len(results) < space.trials() and (deadline is None or time.time() < deadline):
         raise SearchInterrupted(f"{len(results)} of {space.trials()} trials finished")
     return front
@@ -53,7 +42,7 @@ class SearchInterrupted(KeyboardInterrupt):
     returns): finished trials are kept and a rerun resumes."""
 
 
-def _claim(root: Path, space: SearchSpace, backend: Backend) -> None:
+def _claim(root: Path, space: SearchSpace, backend: str) -> None:
     """Record the search in ``root``, or check that a rerun is the same search."""
     path = root / SEARCH_FILE
     record = {"backend": backend, "space": json.loads(space.canonical())}

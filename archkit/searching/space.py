@@ -7,9 +7,10 @@
       sleep.passes: {choices: [1, 2, 4]}
       train.lr: {float: [1.0e-4, 1.0e-2], log: true}
       model.d_model: {int: [32, 128], step: 32}
-    objectives:                         # default: maximise accuracy, minimise wake latency
-      - {metric: accuracy}
-      - {metric: wake_ms_per_token}
+    objectives:                         # default: maximise exact, minimise wake latency
+      - {metric: exact}                 # any archkit.metrics name a trial records;
+      - {metric: wake_ms_per_token}     # the direction defaults to the metric's
+    columns: [wake_repeat_spread, params]   # more metrics for pareto.csv and the table
     budget: {trials: 3, steps: 1200, wall_minutes: 15}
     sampler: grid                       # tpe | nsga2 | random | grid
     seed: 0
@@ -22,19 +23,17 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import optuna
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import AfterValidator, Discriminator, Field, Tag, model_validator
 
-from archkit.spec import Spec, SpecError, StrictModel, load_spec, parse_spec, read_based_on_spec
+from archkit.metrics import Metric, UnknownMetric, lookup, recorded_by_trials
+from archkit.spec import Spec, SpecError, StrictModel, load_spec, parse_spec
+from archkit.spec_files import read_based_on_spec
 
-BENCH_METRICS = ("wake_ms_per_token", "sleep_ms_per_window", "answer_ms", "kv_peak_bytes",
-                 "fast_weight_bytes", "params")
-ACCURACY_METRIC = re.compile(r"accuracy(/difficulty_-?\d+)?|per_answer")
 PRIMITIVE = (str, int, float, bool, type(None))
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -116,19 +115,39 @@ Param = Annotated[
 ]
 
 
+def trial_metric(name: str) -> Metric:
+    """The vocabulary's row for ``name``, if a search trial records it; else ValueError
+    naming the closest metric."""
+    try:
+        metric = lookup(name)
+    except UnknownMetric as err:
+        raise ValueError(str(err)) from None
+    if not recorded_by_trials(metric):
+        raise ValueError(f"{name!r} is a {'/'.join(metric.sources)} metric; a search trial "
+                         "records evaluation, bench and card metrics")
+    return metric
+
+
 class Objective(StrictModel):
     metric: str
     direction: Literal["maximize", "minimize"] | None = None
 
     @model_validator(mode="after")
     def _known(self) -> Objective:
-        accuracy = ACCURACY_METRIC.fullmatch(self.metric) is not None
-        if not accuracy and self.metric not in BENCH_METRICS:
-            raise ValueError(f"unknown metric {self.metric!r}; use accuracy, per_answer, "
-                             f"accuracy/difficulty_<v> or one of {', '.join(BENCH_METRICS)}")
+        metric = trial_metric(self.metric)
         if self.direction is None:
-            self.direction = "maximize" if accuracy else "minimize"
+            if metric.direction is None:
+                raise ValueError(f"{self.metric!r} has no natural direction; give one")
+            self.direction = metric.direction
         return self
+
+
+def _trial_column(name: str) -> str:
+    trial_metric(name)
+    return name
+
+
+Column = Annotated[str, AfterValidator(_trial_column)]
 
 
 class Budget(StrictModel):
@@ -158,8 +177,11 @@ class SearchSpace(StrictModel):
     set: dict[str, Any] = Field(default_factory=dict)
     params: dict[str, Param] = Field(min_length=1)
     objectives: list[Objective] = Field(
-        default_factory=lambda: [Objective(metric="accuracy"),
+        default_factory=lambda: [Objective(metric="exact"),
                                  Objective(metric="wake_ms_per_token")], min_length=1)
+    columns: list[Column] = Field(
+        default_factory=lambda: ["wake_repeat_spread", "params"],
+        description="metrics shown beside the objectives in pareto.csv and the front table")
     budget: Budget = Budget()
     sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"
     seed: int = 0
@@ -185,7 +207,13 @@ class SearchSpace(StrictModel):
 
     @property
     def metrics(self) -> list[str]:
+        """The objectives' metrics, in order."""
         return [o.metric for o in self.objectives]
+
+    @property
+    def shown_metrics(self) -> list[str]:
+        """The objectives' metrics, then the columns that are not objectives."""
+        return [*self.metrics, *(c for c in self.columns if c not in self.metrics)]
 
     def grid(self) -> dict[str, list[Any]]:
         return {key: p.labels() if isinstance(p, Choices) else p.values()

@@ -8,7 +8,9 @@ not depend on the weights, so the untrained model gives the trained one's latenc
 adaptive controller's sleep cost does, and that figure is then the untrained model's.
 
 Every finished trial leaves ``result.json`` in its run directory: its state (complete or
-failed, with the reason), parameters, metrics and a label for plots.
+failed, with the reason), parameters, metrics (``archkit.metrics`` names: the final
+evaluation, the bench figures and the model card's), the latency of each bench repeat and
+a label for plots.
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from archkit.bench import bench_inputs, measure
-from archkit.search.space import SearchSpace
+from archkit.card import model_card
+from archkit.evaluation import Evaluation
+from archkit.metrics import find, lookup, tag
+from archkit.searching.space import SearchSpace
+from archkit.sleep import SleepingModel
 from archkit.spec import Spec, SpecError
-from archkit.tasks import Score
 from archkit.tracking import flatten
-from archkit.train import TrainingDiverged, build, train
+from archkit.trainer import TrainingDiverged, train
 
 RESULT = "result.json"
 
@@ -74,32 +79,35 @@ def slot_key(root: Path) -> str:
     return hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
 
 
-def measure_latency(spec: Spec, threads: int, repeats: int, decode: int) -> dict[str, float]:
-    """``archkit.bench`` figures of the spec's model, ``repeats`` times on ``threads``."""
+def measure_latency(spec: Spec, threads: int, repeats: int, decode: int
+                    ) -> tuple[dict[str, float], list[float]]:
+    """The ``archkit.bench`` figures of the spec's model, each the median over ``repeats``
+    measurements on ``threads`` threads (``wake_ms_max``: the slowest step of all), with
+    ``wake_repeat_spread``; and the ``wake_ms_per_token`` of every repeat."""
     torch.set_num_threads(threads)
-    sleeper = build(spec)
+    sleeper = SleepingModel.from_spec(spec)
     inputs = bench_inputs(spec)
     runs = [measure(sleeper, *inputs, decode_tokens=decode, warmup=i == 0)
             for i in range(repeats)]
-    wake = [r["wake_ms_per_token"] for r in runs]
-    median = statistics.median(wake)
+    per_repeat = [r["wake_ms_per_token"] for r in runs]
+    median = statistics.median(per_repeat)
     figures = {key: statistics.median(r[key] for r in runs)
-               for key in ("wake_ms_per_token", "answer_ms", "sleep_ms_per_window")}
-    return {
-        **figures,
-        "wake_ms_min": min(wake),
-        "wake_ms_max": max(wake),
-        "wake_ms_spread": (max(wake) - min(wake)) / median if median else 0.0,
-        "kv_peak_bytes": runs[0]["kv_peak_bytes"],
-        "fast_weight_bytes": runs[0]["fast_weight_bytes"],
-        "params": runs[0]["params"],
-        "bench_threads": threads,
-    }
+               for key in ("wake_ms_per_token", "wake_ms_p99", "answer_ms",
+                           "sleep_ms_per_window")}
+    spread = (max(per_repeat) - min(per_repeat)) / median if median else 0.0
+    exact_counts = {key: runs[0][key] for key in ("sleeps", "passes_per_sleep", "kv_peak_tokens",
+                                                  "kv_peak_bytes", "fast_weight_bytes", "params")}
+    return ({**figures, "wake_ms_max": max(r["wake_ms_max"] for r in runs),
+             "wake_repeat_spread": spread, **exact_counts, **card_metrics(sleeper, spec)},
+            per_repeat)
 
 
-def accuracy_metrics(score: Score) -> dict[str, float]:
-    return {"accuracy": score.overall.exact, "per_answer": score.overall.token,
-            **{f"accuracy/difficulty_{v}": a.exact for v, a in score.by_difficulty.items()}}
+def card_metrics(sleeper: SleepingModel, spec: Spec) -> dict[str, float]:
+    """The model card's top-level numbers (``archkit build --json``) at the sleep window."""
+    assert spec.sleep is not None
+    card = model_card(sleeper.model, spec.sleep.window, spec.sleep)
+    numbers = {k: v for k, v in card.items() if find(k) is not None}  # not the settings
+    return {**numbers, "sleep_flops_per_pass": card["sleep"]["sleep_flops_per_pass"]}
 
 
 def label(spec: Spec) -> dict[str, Any]:
@@ -114,9 +122,10 @@ def label(spec: Spec) -> dict[str, Any]:
 
 def run_trial(space: SearchSpace, params: dict[str, Any], run_dir: Path, trial_id: str,
               threads: int, progress: bool = False,
-              report: Callable[[dict[str, float], bool], None] | None = None) -> dict[str, Any]:
+              report: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Run one trial into ``run_dir`` (resuming its checkpoint if there is one) and return
-    its record. ``report(metrics, final)`` sees the metrics after each evaluation."""
+    its record. ``report(metrics)`` sees the metrics after each evaluation, and once more
+    when the trial is complete and recorded."""
     record: dict[str, Any] = {"trial": trial_id, "params": params, "metrics": {}}
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -125,13 +134,14 @@ def run_trial(space: SearchSpace, params: dict[str, Any], run_dir: Path, trial_i
         return _finish(run_dir, {**record, "state": "failed", "reason": str(err)})
     record["label"] = label(spec)
     with cpu_slot(slot_key(run_dir.parent.parent), threads):
-        latency = measure_latency(spec, threads, space.bench.repeats, space.bench.decode)
-        record["metrics"] = dict(latency)
+        latency, per_repeat = measure_latency(spec, threads, space.bench.repeats,
+                                              space.bench.decode)
+        record.update(metrics=dict(latency), wake_ms_per_token_repeats=per_repeat)
 
-        def on_eval(step: int, score: Score) -> None:
-            record["metrics"] = {**latency, **accuracy_metrics(score), "step": step}
+        def on_eval(step: int, evaluation: Evaluation) -> None:
+            record.update(metrics={**latency, **evaluation.metrics()}, step=step)
             if report is not None:
-                report(record["metrics"], False)
+                report(record["metrics"])
 
         try:
             result = train(spec, run_dir, resume=(run_dir / "checkpoint").exists(),
@@ -141,11 +151,11 @@ def run_trial(space: SearchSpace, params: dict[str, Any], run_dir: Path, trial_i
     if result.interrupted:
         raise TrialInterrupted(f"trial {trial_id} interrupted; its checkpoint is in {run_dir}")
     assert result.final is not None
-    record["metrics"] = {**latency, **accuracy_metrics(result.final)}
+    record["metrics"] = {**latency, **result.final.metrics()}
     _write_hparams(run_dir, params, record["metrics"])
     record = _finish(run_dir, {**record, "state": "complete"})
     if report is not None:  # last: a scheduler may end the trial at this report
-        report(record["metrics"], True)
+        report(record["metrics"])
     return record
 
 
@@ -155,10 +165,25 @@ def _finish(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_hparams(run_dir: Path, params: dict[str, Any], metrics: dict[str, float]) -> None:
-    """One HParams session per trial: the searched parameters against every metric."""
+    """One HParams session per trial: the searched parameters against every metric, tagged
+    ``final/`` (the last evaluation) or ``bench/`` (latency, memory, the model card)."""
+    def section(name: str) -> str:
+        return "final" if "evaluation" in lookup(name).sources else "bench"
+
     with SummaryWriter(str(run_dir / "hparams")) as writer:
         writer.add_hparams(flatten({"trial": run_dir.name, **params}),
-                           {f"search/{k}": float(v) for k, v in metrics.items()}, run_name=".")
+                           {tag(section(k), k): float(v) for k, v in metrics.items()},
+                           run_name=".")
+
+
+def trial_line(record: dict[str, Any], metrics: list[str]) -> str:
+    """One line for the console: the trial, its parameters and its objectives (or why it
+    did not complete)."""
+    params = ", ".join(f"{k}={v}" for k, v in record["params"].items())
+    if record["state"] != "complete":
+        return f"trial {record['trial']} ({params}) {record['state']}: {record['reason']}"
+    values = ", ".join(f"{m} {record['metrics'][m]:.4g}" for m in metrics)
+    return f"trial {record['trial']} ({params}): {values}"
 
 
 def load_results(root: Path) -> list[dict[str, Any]]:

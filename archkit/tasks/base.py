@@ -39,7 +39,6 @@ from pydantic import (
     model_validator,
 )
 
-from archkit.registry import TASKS
 from archkit.spec import TaskSpec
 
 Split = Literal["train", "eval"]
@@ -107,7 +106,7 @@ class TaskBatch:
 class Accuracy:
     examples: int
     exact: float  # share of examples whose answer tokens are all right
-    token: float  # share of answer tokens that are right
+    per_answer: float  # share of answer tokens that are right
 
 
 @dataclass(frozen=True)
@@ -116,11 +115,12 @@ class Score:
     by_difficulty: dict[int, Accuracy]
 
     def metrics(self) -> dict[str, float]:
-        """Flat names for logging: ``exact``, ``token``, ``exact/<difficulty>``, ..."""
-        flat = {"exact": self.overall.exact, "token": self.overall.token}
-        for value, accuracy in self.by_difficulty.items():
+        """In the metric vocabulary: ``exact``, ``per_answer``, ``exact/<difficulty>``,
+        ``per_answer/<difficulty>``."""
+        flat = {"exact": self.overall.exact, "per_answer": self.overall.per_answer}
+        for value, accuracy in sorted(self.by_difficulty.items()):
             flat[f"exact/{value}"] = accuracy.exact
-            flat[f"token/{value}"] = accuracy.token
+            flat[f"per_answer/{value}"] = accuracy.per_answer
         return flat
 
 
@@ -194,6 +194,16 @@ class Task(ABC):
     def vocab_size(self) -> int:
         return len(self.vocab)
 
+    def vocabulary_clash(self, other: Task) -> str | None:
+        """Why ``other`` (this task under other settings) cannot share this task's token
+        embedding, or None. A model learns one embedding per id, so an id must mean one
+        token under both settings: one vocabulary has to extend the other."""
+        pairs = enumerate(zip(other.vocab, self.vocab, strict=False))
+        clash = next((i for i, (a, b) in pairs if a != b), None)
+        if clash is None:
+            return None
+        return f"id {clash} would be {other.vocab[clash]!r}, not {self.vocab[clash]!r}"
+
     @abstractmethod
     def generate(
         self, rng: np.random.Generator, difficulty: np.ndarray, split: Split
@@ -252,7 +262,7 @@ class Task(ABC):
             return Accuracy(
                 examples=int(rows.sum()),
                 exact=(hits[rows] == answers[rows]).float().mean().item(),
-                token=(hits[rows].sum() / answers[rows].sum()).item(),
+                per_answer=(hits[rows].sum() / answers[rows].sum()).item(),
             )
 
         by_difficulty = {
@@ -299,8 +309,7 @@ class Task(ABC):
 def get_task(name: str, **config: Any) -> Task:
     """A configured task, e.g. ``get_task("rule110", preset="cpu", steps=8)``. An unknown
     name or a bad field raises :class:`SpecError` naming ``task.name`` or ``task.<field>``."""
-    section = TaskSpec(name=name, **config)  # validated exactly like a spec's `task:`
-    return TASKS.get(name).obj(section.config)
+    return TaskSpec(name=name, **config).build()  # validated exactly like a spec's `task:`
 
 
 def show(name: str, n: int = 3, seed: int = 0, **config: Any) -> str:

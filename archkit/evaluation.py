@@ -1,0 +1,53 @@
+"""Held-out evaluation: greedy answers of a sleeping model on a task's evaluation set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from archkit.checkpoint import Run
+from archkit.sleep import SleepingModel
+from archkit.spec import TrainSpec
+from archkit.tasks import Score, Task, TaskBatch
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    score: Score
+    loss: float  # mean cross-entropy over the answer tokens of the evaluation set
+
+    def metrics(self) -> dict[str, float]:
+        """``exact``, ``per_answer``, their per-difficulty values and ``loss``: what
+        ``final.json``, ``archkit eval --json`` and evaluation records hold."""
+        return {**self.score.metrics(), "loss": self.loss}
+
+
+@torch.no_grad()
+def evaluate(sleeper: SleepingModel, task: Task, batch: TaskBatch, batch_size: int
+             ) -> Evaluation:
+    """Exact-match and per-answer accuracy of greedy predictions, and the mean loss."""
+    was_training = sleeper.training
+    sleeper.eval()
+    device = next(sleeper.parameters()).device
+    predictions = torch.full_like(batch.tokens, -1)
+    losses = []
+    for start in range(0, len(batch), batch_size):
+        tokens = batch.tokens[start:start + batch_size].to(device)
+        mask = batch.loss_mask[start:start + batch_size].to(device)
+        out = sleeper(tokens, batch.context_len, mask)
+        predictions[start:start + batch_size, batch.context_len + 1:] = (
+            out.logits[:, :-1].argmax(-1).cpu())
+        losses.append(float(out.loss) * len(tokens))
+    sleeper.train(was_training)
+    return Evaluation(task.score(predictions, batch), sum(losses) / len(batch))
+
+
+def evaluate_run(run: Run, seed: int | None = None, eval_size: int | None = None
+                 ) -> Evaluation:
+    """A loaded run on its own evaluation set (the one it was trained against, unless
+    another ``seed`` or ``eval_size`` is given), at the sleep setting of ``run.spec``."""
+    train = run.spec.train or TrainSpec()
+    batch = run.task.eval_batch(eval_size or train.eval_size,
+                                run.spec.seed if seed is None else seed)
+    return evaluate(run.model, run.task, batch, train.batch_size)

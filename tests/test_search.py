@@ -143,8 +143,17 @@ def test_optuna_search_on_two_workers_records_the_invalid_trial_and_the_front(
     front = run_search(space, tmp_path / "runs", workers=2, progress=False)
     assert front
     check_search(tmp_path / "runs/grid", 4)
-    study = open_study(space, tmp_path / "runs/grid")
+    study = optuna.load_study(study_name="grid", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "runs/grid/study.journal"))))
     assert study.metric_names == ["exact", "wake_ms_per_token"]
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        record = json.loads((Path(trial.user_attrs["run_dir"]) / "result.json").read_text())
+        assert {k: trial.user_attrs[k] for k in record["metrics"]} == record["metrics"]
+        assert trial.values == [record["metrics"]["exact"],
+                                record["metrics"]["wake_ms_per_token"]]
+        # evaluations at steps 2 and 3 (the last): [step, exact] each
+        assert [step for step, _ in trial.user_attrs["intermediate/exact"]] == [2, 3]
+        assert trial.user_attrs["intermediate/exact"][-1][1] == record["metrics"]["exact"]
     states = sorted(t.state.name for t in study.trials)
     assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"]
     assert any("n_heads" in t.user_attrs.get("reason", "") for t in study.trials)
@@ -154,6 +163,17 @@ def test_optuna_search_on_two_workers_records_the_invalid_trial_and_the_front(
                             str(tmp_path / "runs/grid")], capture_output=True, text=True)
     assert shown.returncode == 0 and "grid: Pareto front" in shown.stdout
     assert "3 complete, 1 failed" in shown.stdout and "must divide" in shown.stdout
+
+
+def test_a_single_objective_study_gets_intermediate_values(tmp_path: Path) -> None:
+    space = load_space(write_space(tmp_path, name="one", objectives=[{"metric": "exact"}],
+                                   budget={"trials": 1, "steps": 4},
+                                   params={"sleep.passes": {"choices": [1]}}))
+    run_search(space, tmp_path / "runs", progress=False)
+    (trial,) = open_study(space, tmp_path / "runs/one").trials
+    assert trial.state == TrialState.COMPLETE and trial.value == trial.user_attrs["exact"]
+    assert sorted(trial.intermediate_values) == [2, 4]
+    assert trial.intermediate_values[4] == trial.value
 
 
 def test_a_rerun_over_a_changed_space_is_refused(tmp_path: Path) -> None:

@@ -93,11 +93,14 @@ def worker(space: SearchSpace, root: Path, threads: int, progress: bool,
         run_dir = Path(trial.user_attrs.get("run_dir") or root / "trials" / f"{trial.number:04d}")
         trial.set_user_attr("run_dir", str(run_dir))
         try:
-            record = run_trial(space, params, run_dir, run_dir.name, threads, progress)
+            record = run_trial(space, params, run_dir, run_dir.name, threads, progress,
+                               report=IntermediateValues(trial, space))
         except TrialInterrupted:
             study.tell(trial, state=TrialState.FAIL)
             raise
         if record["state"] == "complete":
+            for name, value in record["metrics"].items():
+                trial.set_user_attr(name, value)
             study.tell(trial, [record["metrics"][m] for m in space.metrics])
         else:
             trial.set_user_attr("reason", record["reason"])
@@ -105,6 +108,28 @@ def worker(space: SearchSpace, root: Path, threads: int, progress: bool,
         console.print(trial_line(record, space.metrics))
         with file_lock(root / ".report.lock"):
             write_reports(root, load_results(root), space)
+
+
+class IntermediateValues:
+    """Reports a trial's first objective after each evaluation: as Optuna's intermediate
+    value when the study has one objective; with several (Optuna keeps intermediate values
+    for single-objective studies only) as the user attribute ``intermediate/<metric>``, a
+    list of [step, value]. A step is reported once (the final report repeats the last)."""
+
+    def __init__(self, trial: optuna.Trial, space: SearchSpace) -> None:
+        self.trial, self.metric = trial, space.metrics[0]
+        self.single = len(space.metrics) == 1
+        self.values: dict[int, float] = {}
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        if step in self.values:
+            return
+        self.values[step] = metrics[self.metric]
+        if self.single:
+            self.trial.report(self.values[step], step)
+        else:
+            self.trial.set_user_attr(f"intermediate/{self.metric}",
+                                     [[s, v] for s, v in sorted(self.values.items())])
 
 
 def _worker_process(space_json: str, root: str, threads: int, deadline: float | None,

@@ -44,7 +44,10 @@ def _trainable(config: dict[str, Any], space_json: str, root: str, threads: int)
     run_dir = Path(root) / "trials" / f"ray_{trial_id}"
     params = {key: config[key] for key in space.params}
 
-    record = run_trial(space, params, run_dir, f"ray_{trial_id}", threads, report=tune.report)
+    def report(metrics: dict[str, float], step: int) -> None:
+        tune.report(metrics)  # Tune counts the reports itself (training_iteration)
+
+    record = run_trial(space, params, run_dir, f"ray_{trial_id}", threads, report=report)
     if record["state"] != "complete":
         raise RuntimeError(record["reason"])
 

@@ -122,10 +122,11 @@ def label(spec: Spec) -> dict[str, Any]:
 
 def run_trial(space: SearchSpace, params: dict[str, Any], run_dir: Path, trial_id: str,
               threads: int, progress: bool = False,
-              report: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
+              report: Callable[[dict[str, float], int], None] | None = None
+              ) -> dict[str, Any]:
     """Run one trial into ``run_dir`` (resuming its checkpoint if there is one) and return
-    its record. ``report(metrics)`` sees the metrics after each evaluation, and once more
-    when the trial is complete and recorded."""
+    its record. ``report(metrics, step)`` sees the metrics after each evaluation, and once
+    more when the trial is complete and recorded."""
     record: dict[str, Any] = {"trial": trial_id, "params": params, "metrics": {}}
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -141,7 +142,7 @@ def run_trial(space: SearchSpace, params: dict[str, Any], run_dir: Path, trial_i
         def on_eval(step: int, evaluation: Evaluation) -> None:
             record.update(metrics={**latency, **evaluation.metrics()}, step=step)
             if report is not None:
-                report(record["metrics"])
+                report(record["metrics"], step)
 
         try:
             result = train(spec, run_dir, resume=(run_dir / "checkpoint").exists(),
@@ -155,7 +156,7 @@ def run_trial(space: SearchSpace, params: dict[str, Any], run_dir: Path, trial_i
     _write_hparams(run_dir, params, record["metrics"])
     record = _finish(run_dir, {**record, "state": "complete"})
     if report is not None:  # last: a scheduler may end the trial at this report
-        report(record["metrics"])
+        report(record["metrics"], record["step"])
     return record
 
 

@@ -1,14 +1,23 @@
-"""The model card: parameters, state sizes and cost of a built HybridModel."""
+"""The model card: parameters, state sizes and cost of a built HybridModel; and what a
+model would take before it is built (on the meta device: shapes, no memory)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from archkit.blocks.common import state_bytes
-from archkit.model import HybridModel
-from archkit.spec import SleepSpec
+from archkit.errors import SpecError
+from archkit.model import DTYPES, HybridModel
+from archkit.spec import ModelSpec, SleepSpec
+
+# Training holds the weights, their gradients and the optimiser's state: two moments for
+# AdamW (Muon keeps one), so four copies of the parameters before any activation.
+TRAINING_COPIES = 4
 
 
 def model_card(model: HybridModel, window: int, sleep: SleepSpec | None = None
@@ -72,3 +81,69 @@ def model_card(model: HybridModel, window: int, sleep: SleepSpec | None = None
         "sleep": sleep_card,
     }
 
+
+def meta_model(spec: ModelSpec) -> HybridModel:
+    """``spec``'s model on the meta device: every shape and count, no memory."""
+    with torch.device("meta"):
+        return HybridModel(spec)
+
+
+def parameter_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor a checkpoint of the model holds, by name (a tied tensor
+    once, under its first name, as safetensors saves it), without building the model."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    seen: set[int] = set()
+    for name, tensor in meta_model(spec).state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            shapes[name] = tuple(tensor.shape)
+    return shapes
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a new allocation may take: free CUDA memory, or the kernel's MemAvailable
+    (the physical memory where /proc/meminfo is missing)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def parameter_floor(spec: ModelSpec) -> tuple[int, int]:
+    """A lower bound on the model's parameter count from the spec alone, without building
+    anything: (embedding and head, the rest). The rest counts every layer's norms and
+    SwiGLU MLP and the final norm, not the mixers, whose size only their block knows."""
+    d = spec.d_model
+    vocabulary = spec.vocab_size * d * (1 if spec.tie_embeddings else 2)
+    hidden = max(1, round(spec.mlp_ratio * d))
+    mlp = d + 3 * d * hidden  # its norm, gate_up [2 * hidden, d] and down [d, hidden]
+    layers = sum(d + (mlp if layer.mlp else 0) for layer in spec.resolved_layers)
+    return vocabulary, layers + d
+
+
+def require_memory(spec: ModelSpec, device: torch.device, training: bool) -> None:
+    """Refuse a model whose parameters certainly do not fit in the memory available on
+    ``device`` (:func:`parameter_floor`, times :data:`TRAINING_COPIES` to train it), before
+    anything is allocated, naming the field that makes it big: ``model.vocab_size`` when
+    the embedding and head dominate, else ``model.d_model``."""
+    vocabulary, rest = parameter_floor(spec)
+    params = vocabulary + rest
+    copies = TRAINING_COPIES if training else 1
+    needed = params * DTYPES[spec.dtype].itemsize * copies
+    available = available_memory(device)
+    if needed <= available:
+        return
+    field, value = (("model.vocab_size", spec.vocab_size) if vocabulary > rest
+                    else ("model.d_model", spec.d_model))
+    use = "to train (weights, gradients, optimiser state)" if training else "for the weights"
+    raise SpecError(field, f"a model that fits in memory: its {params:,} parameters or more "
+                    f"need at least {_gigabytes(needed)} {use}, and {device.type} has "
+                    f"{_gigabytes(available)} available", value)
+
+
+def _gigabytes(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB"

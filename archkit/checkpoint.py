@@ -2,8 +2,15 @@
 
     runs/<name>/checkpoint/model.safetensors   the weights
                            spec.yaml           the resolved spec
-                           trainer.pt          step, optimiser, scheduler and RNG state
+                           trainer.pt          step, schedule length, optimiser, scheduler and
+                                               RNG state: tensors and plain values only, read
+                                               with ``torch.load(weights_only=True)``
+    runs/<name>/commands.jsonl                 every command that trained the run: argv,
+                                               working directory, the step it began at
     runs/<name>/final.json                     the last evaluation (archkit.metrics names)
+    runs/<name>/superseded/step_<n>/           final.json and HParams session of the run as
+                                               it had finished at step n, before it was
+                                               extended (archkit.tracking.supersede_final)
 
 A checkpoint is written to a temporary directory and renamed into place, so a crash
 leaves either the previous checkpoint or the new one, never half of one.
@@ -12,6 +19,7 @@ leaves either the previous checkpoint or the new one, never half of one.
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,8 +31,10 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
+from archkit.card import parameter_shapes, require_memory
 from archkit.sleep import SleepingModel
-from archkit.spec import Spec, SpecError, load_spec
+from archkit.spec import Spec, SpecError, load_spec, parse_spec
+from archkit.spec_files import apply_dotted, flatten_dotted
 from archkit.tasks import Task
 
 CHECKPOINT = "checkpoint"
@@ -53,7 +63,12 @@ def save_checkpoint(run_dir: Path, spec: Spec, sleeper: SleepingModel,
 
 
 def load_trainer_state(run_dir: Path) -> dict[str, Any]:
-    return torch.load(run_dir / CHECKPOINT / "trainer.pt", weights_only=False)
+    path = run_dir / CHECKPOINT / "trainer.pt"
+    try:
+        return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
+        raise SpecError("", f"cannot read the trainer state in {path} ({_first_line(err)})",
+                        file=run_dir) from None
 
 
 def saved_step(run_dir: Path) -> int | None:
@@ -71,6 +86,63 @@ def load_run_spec(run_dir: Path, overrides: Mapping[str, Any] | None = None) -> 
     return load_spec(path, overrides)
 
 
+def spec_changes(old: Spec, new: Spec) -> dict[str, tuple[Any, Any]]:
+    """Every dotted field whose value differs: ``{"sleep.passes": (1, 2)}``. A list is one
+    value; a field one spec lacks (a controller's option) is None there."""
+    before = flatten_dotted(old.model_dump(mode="json"))
+    after = flatten_dotted(new.model_dump(mode="json"))
+    fields = [*before, *(field for field in after if field not in before)]
+    return {field: (before.get(field), after.get(field)) for field in fields
+            if before.get(field) != after.get(field)}
+
+
+def describe_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
+    """``sleep.passes 1 -> 2, model.d_model 32 -> 64``."""
+    return ", ".join(f"{field} {_value(old)} -> {_value(new)}"
+                     for field, (old, new) in changes.items())
+
+
+def _value(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def require_same_shapes(run_dir: Path, trained: Spec, spec: Spec) -> None:
+    """Refuse a changed ``spec`` under which a saved tensor would change shape, before any
+    model is built, naming the fields that change shapes."""
+    changes = {field: change for field, change in spec_changes(trained, spec).items()
+               if field.startswith("model.")}
+    if not changes:
+        return
+    saved, wanted = parameter_shapes(trained.model), parameter_shapes(spec.model)
+    if saved == wanted:
+        return
+    culprits = {field: change for field, change in changes.items()
+                if _changes_shapes(trained, field, change[1], saved)} or changes
+    differing = sorted(n for n in saved.keys() | wanted.keys() if saved.get(n) != wanted.get(n))
+    example = differing[0]
+    raise SpecError(", ".join(culprits), "the checkpoint's weights do not fit the changed "
+                    f"model ({describe_changes(culprits)}): {len(differing)} saved tensor(s) "
+                    f"would change, e.g. {example} {_shape(saved.get(example))} -> "
+                    f"{_shape(wanted.get(example))}; keep the model's fields as trained",
+                    file=run_dir)
+
+
+def _changes_shapes(trained: Spec, field: str, value: Any,
+                    saved: dict[str, tuple[int, ...]]) -> bool:
+    """Whether changing ``field`` alone to ``value`` changes a tensor's shape (a change
+    that is invalid on its own counts as one that does)."""
+    try:
+        alone = parse_spec(apply_dotted(trained.model_dump(mode="json"), {field: value}))
+    except SpecError:
+        return True
+    return parameter_shapes(alone.model) != saved
+
+
+def _shape(shape: tuple[int, ...] | None) -> str:
+    return "absent" if shape is None else str(list(shape))
+
+
 def load_weights(sleeper: SleepingModel, run_dir: Path) -> None:
     path = run_dir / CHECKPOINT / "model.safetensors"
     try:
@@ -79,9 +151,17 @@ def load_weights(sleeper: SleepingModel, run_dir: Path) -> None:
         raise SpecError("", f"the checkpoint has no weights: {path} is missing",
                         file=run_dir) from None
     except (SafetensorError, RuntimeError, OSError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SpecError("", f"cannot load the weights in {path} ({first_line})",
+        raise SpecError("", f"cannot load the weights in {path} ({_first_line(err)})",
                         file=run_dir) from None
+
+
+def _first_line(err: Exception) -> str:
+    """The first line of an error that says something (not load_state_dict's heading),
+    shortened."""
+    lines = [line.strip() for line in str(err).splitlines()
+             if line.strip() and not line.startswith("Error(s) in loading state_dict")]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 @dataclass
@@ -98,11 +178,16 @@ class Run:
 
 def load_run(run_dir: str | Path, overrides: Mapping[str, Any] | None = None) -> Run:
     """Load ``run_dir`` (e.g. ``runs/rule110_cpu``); ``overrides`` change the spec before
-    the model is built, e.g. ``{"sleep.passes": 8}`` to sleep longer than trained."""
+    the model is built, e.g. ``{"sleep.passes": 8}`` to sleep longer than trained. An
+    override that changes a weight's shape, or a model too big for this machine, is a
+    SpecError before anything is allocated."""
     run_dir = Path(run_dir)
-    spec = load_run_spec(run_dir, overrides)
+    trained = load_run_spec(run_dir)
+    spec = load_run_spec(run_dir, overrides) if overrides else trained
     if spec.task is None:
         raise SpecError("task", "a run's spec has a `task:` section", file=run_dir)
+    require_memory(spec.model, torch.device("cpu"), training=False)
+    require_same_shapes(run_dir, trained, spec)
     model = SleepingModel.from_spec(spec)
     load_weights(model, run_dir)
     final_path = run_dir / FINAL

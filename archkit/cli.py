@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shlex
 import subprocess
 import sys
+import tempfile
+import time
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,7 +31,9 @@ from archkit.searching.backends import BACKENDS
 from archkit.spec import SpecError, load_spec
 
 USAGE_ERROR = 2
+INTERRUPTED = 130
 DEFAULT_WINDOW = 1024
+DEFAULT_RUNS = Path("runs")
 console = Console(width=None if sys.stdout.isatty() else 120)
 
 
@@ -44,10 +50,13 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
-    from archkit.card import model_card
+    import torch
+
+    from archkit.card import model_card, require_memory
     from archkit.model import HybridModel
 
     spec = load_spec(args.spec, parse_overrides(args.set))
+    require_memory(spec.model, torch.device("cpu"), training=False)
     model = HybridModel(spec.model)
     window = args.window or (spec.sleep.window if spec.sleep else DEFAULT_WINDOW)
     card = model_card(model, window, spec.sleep)
@@ -100,23 +109,71 @@ def cmd_blocks(args: argparse.Namespace) -> None:
 
 def detach(log: Path) -> None:
     """Run this same command again in a new session, immune to the terminal closing, with
-    its output in ``log``; then return to the shell."""
+    its output in ``log``. Return once it has started a run (it creates the file named in
+    ``STARTED_FILE_ENV``) or has exited, and say which: a process that exits first has its
+    output repeated here and its exit status becomes this command's."""
+    from archkit.trainer import STARTED_FILE_ENV
+
     argv = [a for a in sys.argv[1:] if a != "--background"]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        child = subprocess.Popen([sys.executable, "-m", "archkit.cli", *argv, "--no-progress"],
-                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-    console.print(f"running in the background as pid {child.pid}; output in {log}. "
-                  "Stop it with kill -INT (it saves a checkpoint); run the same command "
-                  "again (with --resume for train) to continue.")
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpecError("--runs", f"a directory for runs and their logs ({err.strerror})",
+                        str(log.parent), file="<command line>") from None
+    earlier_output = log.stat().st_size if log.exists() else 0
+    with tempfile.TemporaryDirectory(prefix="archkit-detach-") as folder:
+        started = Path(folder) / "started"
+        with open(log, "ab") as out:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "archkit.cli", *argv, "--no-progress"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, env={**os.environ, STARTED_FILE_ENV: str(started)})
+        try:
+            while child.poll() is None and not started.exists():
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            print(f"archkit: stopped waiting for pid {child.pid} to start its run; it goes on, "
+                  f"with its output in {log}", file=sys.stderr)
+            sys.exit(INTERRUPTED)
+    status = child.poll()
+    if status is None:
+        console.print(f"running in the background as pid {child.pid}; output in {log}. "
+                      "Stop it with kill -INT (it saves a checkpoint); run the same command "
+                      "again (with --resume for train) to continue.")
+        return
+    with open(log, "rb") as f:
+        f.seek(earlier_output)
+        output = f.read().decode(errors="replace").rstrip("\n")
+    if status != 0:
+        print(output, file=sys.stderr)
+        sys.exit(status if status > 0 else 128 - status)  # killed by signal -status
+    print(output)
+    console.print(f"finished at once (exit status 0); output in {log}")
+
+
+def resume_command(runs: Path, name: str) -> str:
+    """The command that resumes run ``name`` from its stored spec, as a shell line."""
+    where = [] if runs == DEFAULT_RUNS else ["--runs", str(runs)]
+    return shlex.join(["archkit", "train", "--resume", "--name", name, *where])
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from archkit.checkpoint import has_checkpoint, load_run_spec, saved_step
     from archkit.trainer import TrainingDiverged, train
 
-    spec = load_spec(args.spec, parse_overrides(args.set))
-    run_dir = args.runs / (args.name or spec.name)
+    overrides = parse_overrides(args.set)
+    if args.runs.exists() and not args.runs.is_dir():
+        raise SpecError("--runs", "a directory for runs; this is a file", str(args.runs),
+                        file="<command line>")
+    if args.spec is not None:
+        spec = load_spec(args.spec, overrides)
+    elif args.resume and args.name:
+        spec = load_run_spec(args.runs / args.name, overrides)
+    else:
+        raise SpecError("spec", "a spec file (only --resume --name NAME may leave it out: "
+                        "that run's stored spec is used)", file="<command line>")
+    name = args.name or spec.name
+    run_dir = args.runs / name
     if args.background:
         detach(run_dir.with_name(run_dir.name + ".log"))
         return
@@ -126,10 +183,19 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"archkit: {err}", file=sys.stderr)
         sys.exit(1)
     if result.interrupted:
-        print(f"archkit: interrupted; checkpoint saved in {run_dir}. Continue with: archkit "
-              f"train {args.spec} --resume" + (f" --name {args.name}" if args.name else ""),
-              file=sys.stderr)
-        sys.exit(130)
+        if has_checkpoint(run_dir):
+            print(f"archkit: interrupted; the checkpoint of step {saved_step(run_dir)} is in "
+                  f"{run_dir}. Continue with: {resume_command(args.runs, name)}",
+                  file=sys.stderr)
+        else:
+            print("archkit: interrupted before the first checkpoint; nothing was saved",
+                  file=sys.stderr)
+        sys.exit(INTERRUPTED)
+    if result.already_finished:
+        print(f"{run_dir} has finished (final.json); nothing to do. To train it further: "
+              f"{resume_command(args.runs, name)} --set train.steps=N with N above "
+              f"{spec.train.steps if spec.train else 0}")
+        return
     console.print(f"run saved in {run_dir}  (tensorboard --logdir {args.runs})")
 
 
@@ -158,6 +224,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     from archkit.bench import bench_inputs, measure
+    from archkit.card import require_memory
     from archkit.checkpoint import load_run
     from archkit.sleep import SleepingModel
 
@@ -168,6 +235,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         spec, sleeper = run.spec, run.model
     else:
         spec = load_spec(args.target, overrides)
+        require_memory(spec.model, torch.device("cpu"), training=False)
         sleeper = SleepingModel.from_spec(spec)
     figures = measure(sleeper, *bench_inputs(spec), decode_tokens=args.decode)
     if args.json:
@@ -225,17 +293,37 @@ def cmd_search(args: argparse.Namespace) -> None:
     from archkit.searching import load_space, run_search
 
     space = load_space(args.space)
+    if args.trials is not None:
+        space = space.model_copy(update={"budget": space.budget.model_copy(
+            update={"trials": args.trials})})
     if args.background:
         detach(args.runs / f"{space.name}.log")
         return
     try:
         run_search(space, args.runs, args.backend, args.workers, args.address,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, storage=args.storage)
     except KeyboardInterrupt:
         print(f"archkit: interrupted; finished trials are kept in {args.runs / space.name}. "
               f"Run the same command again to resume.", file=sys.stderr)
         sys.exit(130)
     _print_front(args.runs / space.name)
+
+
+def cmd_studies(args: argparse.Namespace) -> None:
+    from archkit.searching.run import list_studies
+
+    studies = list_studies(args.runs)
+    if args.json:
+        print(json.dumps(studies, indent=2))
+        return
+    table = Table(title=f"searches in {args.runs}", title_justify="left")
+    columns = ("name", "backend", "storage", "complete", "failed", "stopped", "budget",
+               "on_front")
+    for column in columns:
+        table.add_column(column, justify="left" if column in columns[:3] else "right")
+    for study in studies:
+        table.add_row(*(str(study[c]) for c in columns))
+    console.print(table if studies else f"no searches in {args.runs}")
 
 
 def cmd_pareto(args: argparse.Namespace) -> None:
@@ -337,10 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.set_defaults(handler=cmd_metrics)
 
     train = commands.add_parser("train", help="train and evaluate a spec; logs to runs/NAME")
-    train.add_argument("spec", help="a spec with model, sleep, task and train sections")
+    train.add_argument("spec", nargs="?",
+                       help="a spec with model, sleep, task and train sections (with "
+                            "--resume --name NAME: optional, the run's stored spec)")
     train.add_argument("--name", help="run name (default: the spec's name)")
-    train.add_argument("--resume", action="store_true", help="continue the run's checkpoint")
-    train.add_argument("--runs", type=Path, default=Path("runs"), help="runs directory")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run's checkpoint; the spec must resolve to the "
+                            "stored one, except a larger train.steps, which extends the run")
+    train.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="runs directory")
     train.add_argument("--no-progress", action="store_true", help="no live progress bar")
     train.add_argument("--background", action="store_true",
                        help="detach from the terminal; output in RUNS/NAME.log")
@@ -372,11 +464,23 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--workers", type=_positive_int, default=1,
                         help="local worker processes (optuna backend)")
     search.add_argument("--address", help="Ray cluster address, e.g. auto (ray backend)")
+    search.add_argument("--storage", help="Optuna storage URL, e.g. sqlite:///runs/s.db "
+                                          "(default: RUNS/NAME/study.journal; a rerun uses "
+                                          "the search's own)")
+    search.add_argument("--trials", type=_positive_int,
+                        help="the budget in trials, overriding the space's; a rerun with a "
+                             "larger number extends the search")
     search.add_argument("--runs", type=Path, default=Path("runs"), help="runs directory")
     search.add_argument("--no-progress", action="store_true", help="no live progress bars")
     search.add_argument("--background", action="store_true",
                         help="detach from the terminal; output in RUNS/NAME.log")
     search.set_defaults(handler=cmd_search)
+
+    studies = commands.add_parser("studies", help="the searches under RUNS: trials done, "
+                                                  "budget, front size, storage")
+    studies.add_argument("--runs", type=Path, default=Path("runs"), help="runs directory")
+    studies.add_argument("--json", action="store_true")
+    studies.set_defaults(handler=cmd_studies)
 
     experiment = commands.add_parser(
         "experiment", help="train arms that differ in sleep passes, over seeds; report")
@@ -415,6 +519,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (SpecError, RegistryError) as err:
         print(f"archkit: error: {err}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
+    except KeyboardInterrupt:
+        print("archkit: interrupted", file=sys.stderr)
+        sys.exit(INTERRUPTED)
 
 
 if __name__ == "__main__":

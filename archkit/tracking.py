@@ -1,5 +1,11 @@
 """What a training run shows and keeps: a live progress bar, TensorBoard scalars, text
-and hparams, ``metrics.jsonl`` and ``final.json``, and a final table by difficulty."""
+and hparams, ``metrics.jsonl`` and ``final.json``, and a final table by difficulty.
+
+A run has one HParams session, written when it finishes into an event file of its own
+(``*.hparams``). Extending a finished run moves that file and ``final.json`` to
+``superseded/step_<n>/`` (``supersede_final``), under names TensorBoard does not read, so
+the extended run's session is the only one TensorBoard shows and nothing is deleted.
+"""
 
 from __future__ import annotations
 
@@ -13,23 +19,24 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
 
+from archkit.checkpoint import FINAL
 from archkit.evaluation import Evaluation
 from archkit.metrics import tag
 from archkit.spec import Spec
+from archkit.spec_files import flatten_dotted
 from archkit.tasks import Score
 
+HPARAMS_SUFFIX = ".hparams"
+SUPERSEDED = "superseded"
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists become strings (TensorBoard hparams)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        elif value is not None:
-            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
+
+def flatten(tree: dict[str, Any]) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` for TensorBoard hparams: None left out, lists
+    and other values as text."""
+    return {name: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for name, value in flatten_dotted(tree).items() if value not in (None, {})}
 
 
 def score_table(score: Score, title: str, difficulty_name: str = "difficulty") -> Table:
@@ -45,17 +52,30 @@ def score_table(score: Score, title: str, difficulty_name: str = "difficulty") -
     return table
 
 
+def supersede_final(run_dir: Path, step: int) -> None:
+    """Before a finished run is extended: keep its ``final.json`` and its HParams session
+    in ``superseded/step_<step>/``, where TensorBoard does not read them."""
+    kept = run_dir / SUPERSEDED / f"step_{step}"
+    kept.mkdir(parents=True, exist_ok=True)
+    (run_dir / FINAL).rename(kept / FINAL)
+    for events in run_dir.glob(f"*tfevents*{HPARAMS_SUFFIX}"):
+        events.rename(kept / events.name.replace("tfevents", "superseded"))
+
+
 class TrainLogger:
-    def __init__(self, run_dir: Path, spec: Spec, total_steps: int, start_step: int,
+    """``resumed_from`` is the checkpoint's step when a run resumes (None for a new run):
+    records after it, which a crash may have left, are dropped from ``metrics.jsonl``, and
+    TensorBoard hides events after it; the step's own points stay in both."""
+
+    def __init__(self, run_dir: Path, spec: Spec, total_steps: int, resumed_from: int | None,
                  progress: bool, log_every: int = 1, log_hparams: bool = True) -> None:
         self.run_dir, self.spec, self.log_every = run_dir, spec, log_every
         self.log_hparams = log_hparams
         self.metrics_path = run_dir / "metrics.jsonl"
-        self._truncate_after(start_step)
-        self.writer = SummaryWriter(str(run_dir), purge_step=start_step or None)
-        if start_step == 0:
-            text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-            self.writer.add_text("spec", "```yaml\n" + text + "\n```", 0)
+        if resumed_from is not None:
+            self._truncate_after(resumed_from)
+        self.writer = SummaryWriter(
+            str(run_dir), purge_step=None if resumed_from is None else resumed_from + 1)
         self.console = Console()
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(),
@@ -64,9 +84,15 @@ class TrainLogger:
             TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
             console=self.console, disable=not progress,
         )
-        self.bar = self.progress.add_task(spec.name, total=total_steps, completed=start_step,
+        self.bar = self.progress.add_task(spec.name, total=total_steps,
+                                          completed=resumed_from or 0,
                                           loss="-", acc="-", tps="-")
         self.progress.start()
+
+    def spec_text(self, step: int) -> None:
+        """The resolved spec as TensorBoard text: at step 0, and where a run is extended."""
+        text = yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False)
+        self.writer.add_text("spec", "```yaml\n" + text + "\n```", step)
 
     def _truncate_after(self, step: int) -> None:
         """Drop records a crash left beyond the checkpoint we resume from."""
@@ -104,14 +130,22 @@ class TrainLogger:
         self.progress.update(self.bar, acc=f"{result.score.overall.exact:.3f}")
         self._scalars("eval", step, result.metrics())
 
-    def close(self, result: Evaluation | None) -> None:
+    def close(self, result: Evaluation | None, step: int) -> None:
+        """Stop; with the final ``result`` (None when interrupted), write ``final.json``
+        and the run's HParams session at the last ``step``."""
         self.progress.stop()
         if result is not None:
             metrics = result.metrics()
             if self.log_hparams:
-                overall = {tag("final", k): metrics[k] for k in ("exact", "per_answer", "loss")}
-                self.writer.add_hparams(flatten(self.spec.model_dump(mode="json")), overall,
-                                        run_name=".")
-            (self.run_dir / "final.json").write_text(json.dumps(metrics, indent=2))
+                self._hparams({tag("final", k): metrics[k] for k in ("exact", "per_answer",
+                                                                     "loss")}, step)
+            (self.run_dir / FINAL).write_text(json.dumps(metrics, indent=2))
             self.console.print(score_table(result.score, f"{self.spec.name}: final evaluation"))
         self.writer.close()
+
+    def _hparams(self, final: dict[str, float], step: int) -> None:
+        with SummaryWriter(str(self.run_dir), filename_suffix=HPARAMS_SUFFIX) as writer:
+            for summary in hparams(flatten(self.spec.model_dump(mode="json")), final):
+                writer.file_writer.add_summary(summary, step)
+            for name, value in final.items():
+                writer.add_scalar(name, value, step)

@@ -1,43 +1,69 @@
 """Training of one spec: a sleeping model on a task, logged to TensorBoard.
 
 A run lives in ``runs/<name>/``: TensorBoard event files, ``metrics.jsonl`` (one line per
-logged step and per evaluation), ``checkpoint/`` and ``final.json`` (``archkit.checkpoint``).
-Batches are a pure function of (seed, step), so a resumed run sees exactly the batches an
-uninterrupted one would. ``train`` reads top to bottom::
+logged step and per evaluation), ``checkpoint/``, ``commands.jsonl`` and ``final.json``
+(``archkit.checkpoint``). Batches are a pure function of (seed, step), so a resumed run
+sees exactly the batches an uninterrupted one would. ``train`` reads top to bottom::
 
+    check        the run directory; when resuming, the spec against the checkpoint's
     restore      model, optimisers and schedulers, from the checkpoint when resuming
     loop         one optimiser step per batch; log it
                  every eval_every steps: evaluate on the held-out set (stop at the target)
                  every checkpoint_every steps: checkpoint
+                 Ctrl-C: finish the step, checkpoint, return
     finish       evaluate the last step, write final.json and the hparams
+
+Resuming is exact or refused: the spec must resolve to the checkpoint's field for field,
+except a larger ``train.steps``, which extends the run. The learning-rate schedule is laid
+out once, over the ``train.steps`` the run started with (``schedule_steps``, kept in the
+checkpoint), so extending a run changes no step's rate and every added step trains at
+the schedule's last rate. Resuming a finished run with the same spec changes nothing.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import json
 import math
+import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from types import FrameType, TracebackType
 
 import torch
 from torch import nn
 
+from archkit.card import require_memory
 from archkit.checkpoint import (
+    FINAL,
+    describe_changes,
     has_checkpoint,
+    load_run,
+    load_run_spec,
     load_trainer_state,
     load_weights,
     save_checkpoint,
     saved_step,
+    spec_changes,
 )
-from archkit.evaluation import Evaluation, evaluate
+from archkit.evaluation import Evaluation, evaluate, evaluate_run
 from archkit.sleep import SleepingModel, SleepOutput
 from archkit.spec import Spec, SpecError, TrainSpec
 from archkit.tasks import Task, TaskBatch
-from archkit.tracking import TrainLogger
+from archkit.tracking import TrainLogger, supersede_final
+
+COMMANDS = "commands.jsonl"
+# ``archkit ... --background`` (archkit.cli.detach) names a file here for the detached
+# process to create once a run has started, so that it can say so truthfully.
+STARTED_FILE_ENV = "ARCHKIT_STARTED_FILE"
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,11 +76,16 @@ class TrainResult:
     losses: dict[int, float]  # step index (from 0) -> loss, for the steps this call ran
     final: Evaluation | None  # None when interrupted
     interrupted: bool = False
+    # resumed a finished run: nothing trained or written; ``final`` evaluates the checkpoint
+    already_finished: bool = False
 
 
 def resolve_device(train: TrainSpec) -> torch.device:
     if train.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if train.device == "cuda" and not torch.cuda.is_available():
+        raise SpecError("train.device", "a device this machine has: CUDA is not available "
+                        "here (use cpu, or auto to take CUDA where there is one)", "cuda")
     return torch.device(train.device)
 
 
@@ -104,13 +135,15 @@ def make_optimizers(model: nn.Module, train: TrainSpec) -> dict[str, torch.optim
     }
 
 
-def lr_factor(step: int, train: TrainSpec) -> float:
-    """Linear warmup, then cosine decay to ``min_lr_ratio`` (or constant)."""
+def lr_factor(step: int, train: TrainSpec, schedule_steps: int) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` at ``schedule_steps`` (the
+    ``train.steps`` the run started with), or constant. Steps beyond ``schedule_steps``, which
+    a run extended with a larger ``train.steps`` takes, keep the last factor."""
     if step < train.warmup_steps:
         return (step + 1) / train.warmup_steps
     if train.schedule == "constant":
         return 1.0
-    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+    progress = (step - train.warmup_steps) / max(1, schedule_steps - train.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine
 
@@ -122,6 +155,7 @@ class TrainState:
     sleeper: SleepingModel
     optimizers: dict[str, torch.optim.Optimizer]
     schedulers: list[torch.optim.lr_scheduler.LRScheduler]
+    schedule_steps: int  # the train.steps the learning-rate schedule is laid out over
     step: int = 0  # finished steps
     losses: dict[int, float] = field(default_factory=dict)
 
@@ -132,6 +166,7 @@ class TrainState:
     def trainer_state(self) -> dict:
         return {
             "step": self.step,
+            "schedule_steps": self.schedule_steps,
             "optimizers": [o.state_dict() for o in self.optimizers.values()],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "rng": torch.get_rng_state(),
@@ -139,24 +174,53 @@ class TrainState:
         }
 
 
-def restore(spec: Spec, run_dir: Path, resume: bool, device: torch.device) -> TrainState:
-    """A fresh model and optimisers, or, when resuming, the checkpoint's."""
-    train = spec.train
-    assert train is not None
+# Fields that say where a run computes, not what: a resume may change them (a search that
+# resumes a trial with another number of workers gives it another thread count). The
+# losses then equal an uninterrupted run's up to floating-point reduction order.
+WHERE_IT_RUNS = ("train.threads", "train.device")
+
+
+def check_run_dir(spec: Spec, run_dir: Path, resume: bool) -> Spec | None:
+    """Refuse to start over a run or to resume nothing; when resuming, return the
+    checkpoint's spec after refusing a ``spec`` that differs from it in anything but a
+    larger ``train.steps`` (or where it runs: ``WHERE_IT_RUNS``). Reads only."""
     if has_checkpoint(run_dir) and not resume:
         raise SpecError("", f"{run_dir} already holds a run; pass --resume to continue it or "
                         "--name to start another", file=run_dir)
-    if resume and not has_checkpoint(run_dir):
+    if not resume:
+        return None
+    if not has_checkpoint(run_dir):
         raise SpecError("", f"nothing to resume: no checkpoint in {run_dir}", file=run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    trained = load_run_spec(run_dir)
+    refused = {name: (old, new) for name, (old, new) in spec_changes(trained, spec).items()
+               if not (name == "train.steps" and new > old) and name not in WHERE_IT_RUNS}
+    if refused:
+        raise SpecError("resume", f"the spec differs from the checkpoint's: "
+                        f"{describe_changes(refused)}. Only a larger train.steps may change "
+                        "(it extends the run); resume with the checkpoint's spec or train "
+                        "another run under another name", file=run_dir)
+    return trained
+
+
+def restore(spec: Spec, run_dir: Path, trained: Spec | None, device: torch.device
+            ) -> TrainState:
+    """A fresh model and optimisers, or, resuming a run trained as ``trained``, the
+    checkpoint's."""
+    train = spec.train
+    assert train is not None
+    saved = None if trained is None else load_trainer_state(run_dir)
+    schedule_steps = train.steps
+    if saved is not None:
+        assert trained is not None and trained.train is not None
+        # checkpoints written before schedule_steps was kept were never extended
+        schedule_steps = int(saved.get("schedule_steps", trained.train.steps))
     sleeper = SleepingModel.from_spec(spec).to(device).train()
     optimizers = make_optimizers(sleeper, train)
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, train))
-                  for o in optimizers.values()]
-    state = TrainState(sleeper, optimizers, schedulers)
-    if resume:
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(
+        o, lambda s: lr_factor(s, train, schedule_steps)) for o in optimizers.values()]
+    state = TrainState(sleeper, optimizers, schedulers, schedule_steps)
+    if saved is not None:
         load_weights(sleeper, run_dir)
-        saved = load_trainer_state(run_dir)
         for obj, saved_state in zip([*optimizers.values(), *schedulers],
                                     [*saved["optimizers"], *saved["schedulers"]], strict=True):
             obj.load_state_dict(saved_state)
@@ -165,6 +229,54 @@ def restore(spec: Spec, run_dir: Path, resume: bool, device: torch.device) -> Tr
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
         state.step = saved["step"]
     return state
+
+
+def record_command(run_dir: Path, step: int) -> None:
+    """Append the command line of this process to the run's ``commands.jsonl``."""
+    entry = {"argv": sys.argv, "cwd": os.getcwd(), "from_step": step,
+             "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    with open(run_dir / COMMANDS, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def announce_start() -> None:
+    """Create the file a parent waiting in ``archkit ... --background`` named in
+    :data:`STARTED_FILE_ENV`; only the first run of a process announces."""
+    path = os.environ.pop(STARTED_FILE_ENV, None)
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):  # the parent has stopped waiting
+            Path(path).touch()
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) while training. The first asks the run to stop at the end of the
+    current step, so that the checkpoint it saves is the state between two steps and the
+    step's records are complete; a second stops at once, keeping the last checkpoint.
+    Installed only where Ctrl-C would raise KeyboardInterrupt: in the main thread, under
+    Python's default handler."""
+
+    def __init__(self) -> None:
+        self.requested = self.forced = self.installed = False
+
+    def __enter__(self) -> StopRequest:
+        self.installed = (threading.current_thread() is threading.main_thread()
+                          and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        if self.installed:
+            signal.signal(signal.SIGINT, self._interrupt)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _interrupt(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            self.forced = True
+            raise KeyboardInterrupt
+        self.requested = True
+        print("archkit: stopping after this step to save a checkpoint (Ctrl-C again to stop "
+              "at once)", file=sys.stderr)
 
 
 def train_step(state: TrainState, batch: TaskBatch, train: TrainSpec, device: torch.device,
@@ -204,21 +316,42 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
           on_step: Callable[[int, float, SleepingModel], None] | None = None,
           on_eval: Callable[[int, Evaluation], None] | None = None, log_hparams: bool = True
           ) -> TrainResult:
-    """Train ``spec`` into ``run_dir``. Ctrl-C (KeyboardInterrupt) saves a checkpoint and
-    returns with ``interrupted=True``; ``resume`` continues from the checkpoint exactly.
-    ``on_step(step, loss, model)`` runs after every optimiser step, ``on_eval(step,
-    evaluation)`` after every evaluation (``step`` counts finished steps).
+    """Train ``spec`` into ``run_dir``. Ctrl-C saves a checkpoint at the end of the step and
+    returns with ``interrupted=True``; ``resume`` continues from the checkpoint exactly, or
+    extends the run to a larger ``train.steps``, and refuses any other change of the spec
+    (module docstring). ``on_step(step, loss, model)`` runs after every optimiser step,
+    ``on_eval(step, evaluation)`` after every evaluation (``step`` counts finished steps);
+    either may raise KeyboardInterrupt to stop the run as Ctrl-C does.
     ``log_hparams=False`` leaves the TensorBoard hparams entry to the caller (a search
     writes its own, per trial)."""
     train_spec, task = require(spec)
+    trained = check_run_dir(spec, run_dir, resume)
+    extended = trained is not None and trained.train is not None and \
+        train_spec.steps > trained.train.steps
+    finished = (run_dir / FINAL).exists()
+    if trained is not None and finished and not extended:
+        return TrainResult(run_dir, {}, evaluate_run(load_run(run_dir)), already_finished=True)
     if train_spec.threads:
         torch.set_num_threads(train_spec.threads)
     device = resolve_device(train_spec)
-    state = restore(spec, run_dir, resume, device)
+    require_memory(spec.model, device, training=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpecError(str(run_dir), f"cannot create the run directory ({err.strerror})"
+                        ) from None
+    state = restore(spec, run_dir, trained, device)
+    if extended and finished:
+        supersede_final(run_dir, state.step)
+    record_command(run_dir, state.step)
     stage_ends, stage_tasks = curriculum(spec, task)
     eval_batch = task.eval_batch(train_spec.eval_size, spec.seed)
-    logger = TrainLogger(run_dir, spec, train_spec.steps, state.step, progress,
+    logger = TrainLogger(run_dir, spec, train_spec.steps,
+                         None if trained is None else state.step, progress,
                          train_spec.log_every, log_hparams)
+    if trained is None or extended:
+        logger.spec_text(state.step)
+    announce_start()
 
     def checkpoint() -> None:
         save_checkpoint(run_dir, spec, state.sleeper, state.trainer_state())
@@ -230,32 +363,40 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
             on_eval(state.step, result)
         return state.step, result
 
-    last_eval: tuple[int, Evaluation] | None = None
-    try:
-        while state.step < train_spec.steps:
-            tick = time.perf_counter()
-            stage = bisect.bisect_right(stage_ends, state.step)
-            batch = stage_tasks[stage].train_batch(state.step, train_spec.batch_size, spec.seed)
-            out, grad_norm = train_step(state, batch, train_spec, device, run_dir)
-            loss = state.losses[state.step - 1]
-            logger.step(state.step, loss, grad_norm, state.lrs(),
-                        batch.tokens.numel() / (time.perf_counter() - tick), out.report.passes,
-                        stage if stage_ends else None)
-            if on_step is not None:
-                on_step(state.step - 1, loss, state.sleeper)
-            if due(state.step, train_spec.eval_every, train_spec.steps):
-                last_eval = evaluate_now()
-                target = train_spec.target_exact
-                if target and last_eval[1].score.overall.exact >= target:
-                    checkpoint()
-                    break
-            if due(state.step, train_spec.checkpoint_every, train_spec.steps):
-                checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
-        logger.close(None)
+    def interrupted(stop: StopRequest) -> TrainResult:
+        if not stop.forced:
+            checkpoint()
+        logger.close(None, state.step)
         return TrainResult(run_dir, state.losses, None, interrupted=True)
+
+    last_eval: tuple[int, Evaluation] | None = None
+    with StopRequest() as stop:
+        try:
+            while state.step < train_spec.steps:
+                tick = time.perf_counter()
+                stage = bisect.bisect_right(stage_ends, state.step)
+                batch = stage_tasks[stage].train_batch(state.step, train_spec.batch_size,
+                                                       spec.seed)
+                out, grad_norm = train_step(state, batch, train_spec, device, run_dir)
+                loss = state.losses[state.step - 1]
+                logger.step(state.step, loss, grad_norm, state.lrs(),
+                            batch.tokens.numel() / (time.perf_counter() - tick),
+                            out.report.passes, stage if stage_ends else None)
+                if on_step is not None:
+                    on_step(state.step - 1, loss, state.sleeper)
+                if due(state.step, train_spec.eval_every, train_spec.steps):
+                    last_eval = evaluate_now()
+                    target = train_spec.target_exact
+                    if target and last_eval[1].score.overall.exact >= target:
+                        checkpoint()
+                        break
+                if due(state.step, train_spec.checkpoint_every, train_spec.steps):
+                    checkpoint()
+                if stop.requested and state.step < train_spec.steps:
+                    return interrupted(stop)
+        except KeyboardInterrupt:
+            return interrupted(stop)
     if last_eval is None or last_eval[0] != state.step:
         last_eval = state.step, evaluate(state.sleeper, task, eval_batch, train_spec.batch_size)
-    logger.close(last_eval[1])
+    logger.close(last_eval[1], state.step)
     return TrainResult(run_dir, state.losses, last_eval[1])

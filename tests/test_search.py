@@ -179,8 +179,8 @@ def test_a_single_objective_study_gets_intermediate_values(tmp_path: Path) -> No
 def test_a_rerun_over_a_changed_space_is_refused(tmp_path: Path) -> None:
     run_search(load_space(write_space(tmp_path, name="s", budget={"trials": 1, "steps": 1})),
                tmp_path / "runs", progress=False)
-    changed = load_space(write_space(tmp_path, name="s", budget={"trials": 2, "steps": 1}))
-    with pytest.raises(SpecError, match="different space"):
+    changed = load_space(write_space(tmp_path, name="s", budget={"trials": 1, "steps": 2}))
+    with pytest.raises(SpecError, match=r"space differs \(budget.steps: 1 -> 2\)"):
         run_search(changed, tmp_path / "runs", progress=False)
 
 
@@ -216,6 +216,9 @@ def test_an_interrupted_search_resumes_without_losing_finished_trials(
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert first.read_text() == kept
+    if backend == "optuna":  # the retry is Optuna trial 2 and takes the checkpoint along
+        assert not cut.exists() and cut.name == "0001"
+        cut = root / "trials/0002"
     second = json.loads((cut / "result.json").read_text())
     assert second["state"] == "complete"
     assert second["params"] != json.loads(kept)["params"]  # the grid's other point
@@ -232,6 +235,8 @@ def test_an_interrupted_search_resumes_without_losing_finished_trials(
             optuna.storages.journal.JournalFileBackend(str(root / "study.journal"))))
         complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
         assert sorted(t.params["sleep.passes"] for t in complete) == [1, 2]
+        assert all(Path(t.user_attrs["run_dir"]).name == f"{t.number:04d}" for t in complete)
+        assert study.trials[2].user_attrs["retry_of"] == 1
 
 
 def test_ray_tune_search_on_a_local_ray_runtime(tmp_path: Path) -> None:

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from archkit.checkpoint import load_run
+from archkit.card import parameter_floor
+from archkit.checkpoint import load_run, load_trainer_state
 from archkit.evaluation import evaluate_run
+from archkit.model import HybridModel
 from archkit.sleep import SleepingModel
 from archkit.spec import Spec, SpecError, load_spec
 from archkit.trainer import TrainingDiverged, make_optimizers, split_parameters, train
@@ -147,4 +152,68 @@ def test_training_stops_at_the_first_evaluation_that_reaches_target_exact(
     assert max(result.losses) == TINY["train.eval_every"] - 1  # steps 0..5, then stopped
     assert result.final is not None
     assert load_run(tmp_path / "r").final == result.final.metrics()
-    assert torch.load(tmp_path / "r/checkpoint/trainer.pt", weights_only=False)["step"] == 6
+    assert load_trainer_state(tmp_path / "r")["step"] == 6
+
+
+@pytest.fixture
+def terminal_sigint() -> Iterator[None]:
+    """Python's own SIGINT handler, as in a terminal (a Ray runtime started earlier in this
+    process leaves its handler installed)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_stops_at_the_end_of_the_step_and_twice_stops_at_once(
+        tmp_path: Path, terminal_sigint: None) -> None:
+    presses = {2: 1, 5: 2}  # step index -> SIGINTs this process sends itself after it
+
+    def press(step: int, loss: float, sleeper: SleepingModel) -> None:
+        for _ in range(presses.get(step, 0)):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    once = train(tiny_spec(), tmp_path / "once", progress=False, on_step=press)
+    assert once.interrupted and max(once.losses) == 2
+    assert load_trainer_state(tmp_path / "once")["step"] == 3  # the step finished and saved
+    resumed = train(tiny_spec(), tmp_path / "once", resume=True, progress=False,
+                    on_step=press)
+    assert resumed.interrupted and max(resumed.losses) == 5
+    assert load_trainer_state(tmp_path / "once")["step"] == 4  # the last periodic one
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_resume_refuses_any_change_but_a_larger_train_steps(tmp_path: Path) -> None:
+    train(tiny_spec(**{"train.steps": 4}), tmp_path / "r", progress=False)
+    for changed, named in ((tiny_spec(**{"train.steps": 4, "sleep.passes": 2}),
+                            "sleep.passes 1 -> 2"),
+                           (tiny_spec(**{"train.steps": 3}), "train.steps 4 -> 3")):
+        with pytest.raises(SpecError, match=named):
+            train(changed, tmp_path / "r", resume=True, progress=False)
+    again = train(tiny_spec(**{"train.steps": 4}), tmp_path / "r", resume=True, progress=False)
+    assert again.already_finished and again.losses == {}
+    assert again.final is not None
+    assert again.final.metrics() == json.loads((tmp_path / "r/final.json").read_text())
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "specs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_the_parameter_floor_is_the_model_without_its_mixers(path: Path) -> None:
+    spec = load_spec(path)
+    model = HybridModel(spec.model)
+    mixers = sum(p.numel() for layer in model.layers for p in layer.mixer.parameters())
+    vocabulary, rest = parameter_floor(spec.model)
+    assert vocabulary + rest == sum(p.numel() for p in model.parameters()) - mixers
+    assert vocabulary == model.embedding.weight.numel() * (1 if spec.model.tie_embeddings
+                                                            else 2)
+
+
+def test_resume_may_change_where_a_run_computes_but_nothing_else(tmp_path: Path) -> None:
+    spec = tiny_spec(**{"train.threads": 2})
+    train(spec, tmp_path / "r", progress=False)
+    final = (tmp_path / "r/final.json").read_text()
+    again = train(tiny_spec(**{"train.threads": 1}), tmp_path / "r", resume=True,
+                  progress=False)
+    assert again.already_finished and (tmp_path / "r/final.json").read_text() == final
+    assert not (tmp_path / "r/superseded").exists()  # not an extension
+    with pytest.raises(SpecError, match=r"sleep\.passes 1 -> 2"):
+        train(tiny_spec(**{"train.threads": 1, "sleep.passes": 2}), tmp_path / "r",
+              resume=True, progress=False)

@@ -31,6 +31,7 @@ class SearchJob:
     address: str | None  # a cluster to join (--address)
     progress: bool  # live progress bars
     deadline: float | None  # time.time() after which no trial starts
+    storage: str | None = None  # an Optuna storage URL (None: root/study.journal)
 
 
 def run_backend(name: str, job: SearchJob) -> None:

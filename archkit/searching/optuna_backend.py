@@ -1,14 +1,20 @@
-"""The embedded backend: an Optuna study in ``runs/<name>/study.journal``.
+"""The embedded backend: an Optuna study in ``runs/<name>/study.journal``, or in any Optuna
+storage URL (``--storage sqlite:///study.db``, ``postgresql://...``).
 
-Journal file storage is safe for several processes, so ``--workers N`` starts N local
-processes on one study. Each worker loops: under a file lock it counts the trials that
-have used the budget (complete ones and those failed for a reason of their own: an
-invalid spec, a divergence) plus the running ones, asks for a new trial if there is room,
-runs it, and tells the study the objective values.
+Both kinds of storage are safe for several processes, so ``--workers N`` starts N local
+processes on one study, and several ``archkit search`` commands on the same space (on
+one machine, or on several sharing ``runs/``) are workers of one study. Each worker
+loops: under a file lock it recovers abandoned trials, counts the trials that have used
+the budget (complete ones and those failed for a reason of their own: an invalid spec, a
+divergence) plus the running ones, asks for a new trial if there is room and takes the
+trial's lock, then runs it and tells the study the objective values. Trial ``n`` runs in
+``trials/<n:04d>``, Optuna's trial number.
 
-Nothing finished is lost. Running the same command again loads the study. A trial left
-running by a killed process, or stopped by Ctrl-C, is marked failed and enqueued again
-with the same parameters and run directory, so it resumes from its checkpoint.
+A running trial holds an exclusive lock on ``trials/<n>/.running.lock`` for as long as
+its process lives (the kernel releases it when the process dies), so a trial is
+abandoned exactly when its lock is free. Nothing finished is lost: an abandoned trial,
+or one stopped by Ctrl-C, is marked failed and enqueued again with the same parameters;
+its retry moves the directory to its own number and resumes the checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, TextIO
 
 import optuna
 from optuna.storages import JournalStorage
@@ -34,6 +41,7 @@ from archkit.searching.space import SearchSpace
 from archkit.searching.trial import TrialInterrupted, load_results, run_trial, trial_line
 
 console = Console()
+RUNNING_LOCK = ".running.lock"
 
 
 @contextlib.contextmanager
@@ -46,10 +54,11 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def open_study(space: SearchSpace, root: Path) -> optuna.Study:
+def open_study(space: SearchSpace, root: Path, storage: str | None = None) -> optuna.Study:
+    """The search's study: in ``storage`` (an Optuna URL), or in ``root/study.journal``."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = JournalStorage(JournalFileBackend(str(root / "study.journal")))
-    study = optuna.create_study(study_name=space.name, storage=storage, load_if_exists=True,
+    backend = storage or JournalStorage(JournalFileBackend(str(root / "study.journal")))
+    study = optuna.create_study(study_name=space.name, storage=backend, load_if_exists=True,
                                 directions=space.directions, sampler=space.make_sampler())
     if study.metric_names is None:  # Optuna's tools then show "exact", not "Objective 0"
         with warnings.catch_warnings():
@@ -63,48 +72,96 @@ def used_budget(trial: FrozenTrial) -> bool:
         trial.state == TrialState.FAIL and "reason" in trial.user_attrs)
 
 
+def trial_dir(root: Path, number: int) -> Path:
+    return root / "trials" / f"{number:04d}"
+
+
+def hold(run_dir: Path) -> TextIO:
+    """Take the running trial's lock (kept until the returned handle is closed, or the
+    process dies)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / RUNNING_LOCK, "w")  # noqa: SIM115 (held while the trial runs)
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return handle
+
+
+def abandoned(trial: FrozenTrial) -> bool:
+    """Whether no live process holds the running trial's lock."""
+    lock = Path(trial.user_attrs.get("run_dir", "")) / RUNNING_LOCK
+    if "run_dir" not in trial.user_attrs or not lock.exists():
+        return True
+    with open(lock, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return True
+
+
 def recover(study: optuna.Study) -> int:
-    """Fail trials a dead process left running and enqueue every interrupted trial again
-    (once) with its parameters and run directory. Returns how many were enqueued."""
+    """Fail the running trials whose process died, and enqueue every interrupted trial
+    again (once) with its parameters. Call it under the ask lock. Returns how many were
+    enqueued."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(trial.number, state=TrialState.FAIL)
+        if abandoned(trial):
+            study.tell(trial.number, state=TrialState.FAIL)
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     interrupted = [t for t in trials if t.state == TrialState.FAIL and not used_budget(t)
                    and t.number not in retried and "run_dir" in t.user_attrs]
     for trial in interrupted:
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number,
-                                                      "run_dir": trial.user_attrs["run_dir"]})
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
     return len(interrupted)
 
 
-def worker(space: SearchSpace, root: Path, threads: int, progress: bool,
-           deadline: float | None) -> None:
-    """Run trials until the budget is used or the deadline has passed."""
-    study = open_study(space, root)
-    while deadline is None or time.time() < deadline:
-        with file_lock(root / ".ask.lock"):
-            trials = study.get_trials(deepcopy=False)
-            running = sum(t.state == TrialState.RUNNING for t in trials)
-            if sum(map(used_budget, trials)) + running >= space.trials():
-                return
-            trial = study.ask()
-            params = space.suggest(trial)
-        run_dir = Path(trial.user_attrs.get("run_dir") or root / "trials" / f"{trial.number:04d}")
+def start_trial(study: optuna.Study, space: SearchSpace, root: Path
+                ) -> tuple[optuna.Trial, dict[str, Any], Path, TextIO] | None:
+    """Under the ask lock: recover, then a new trial, its directory (a retry's checkpoint
+    moved there) and its lock; None once the budget is used."""
+    with file_lock(root / ".ask.lock"):
+        enqueued = recover(study)
+        if enqueued:
+            console.print(f"resuming: {enqueued} interrupted trial(s) enqueued again")
+        trials = study.get_trials(deepcopy=False)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if sum(map(used_budget, trials)) + running >= space.trials():
+            return None
+        trial = study.ask()
+        params = space.suggest(trial)
+        run_dir = trial_dir(root, trial.number)
+        retry_of = trial.user_attrs.get("retry_of")
+        if retry_of is not None:
+            previous = Path(study.trials[retry_of].user_attrs["run_dir"])
+            if previous.exists() and not run_dir.exists():
+                previous.rename(run_dir)
         trial.set_user_attr("run_dir", str(run_dir))
-        try:
-            record = run_trial(space, params, run_dir, run_dir.name, threads, progress,
-                               report=IntermediateValues(trial, space))
-        except TrialInterrupted:
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        if record["state"] == "complete":
-            for name, value in record["metrics"].items():
-                trial.set_user_attr(name, value)
-            study.tell(trial, [record["metrics"][m] for m in space.metrics])
-        else:
-            trial.set_user_attr("reason", record["reason"])
-            study.tell(trial, state=TrialState.FAIL)
+        return trial, params, run_dir, hold(run_dir)
+
+
+def worker(space: SearchSpace, root: Path, threads: int, progress: bool,
+           deadline: float | None, storage: str | None) -> None:
+    """Run trials until the budget is used or the deadline has passed."""
+    study = open_study(space, root, storage)
+    while deadline is None or time.time() < deadline:
+        started = start_trial(study, space, root)
+        if started is None:
+            return
+        trial, params, run_dir, lock = started
+        with lock:
+            try:
+                record = run_trial(space, params, run_dir, run_dir.name, threads, progress,
+                                   report=IntermediateValues(trial, space))
+            except TrialInterrupted:
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+            if record["state"] == "complete":
+                for name, value in record["metrics"].items():
+                    trial.set_user_attr(name, value)
+                study.tell(trial, [record["metrics"][m] for m in space.metrics])
+            else:
+                trial.set_user_attr("reason", record["reason"])
+                study.tell(trial, state=TrialState.FAIL)
         console.print(trial_line(record, space.metrics))
         with file_lock(root / ".report.lock"):
             write_reports(root, load_results(root), space)
@@ -133,30 +190,27 @@ class IntermediateValues:
 
 
 def _worker_process(space_json: str, root: str, threads: int, deadline: float | None,
-                    index: int) -> None:
+                    storage: str | None, index: int) -> None:
     space = SearchSpace.model_validate_json(space_json)
     try:
-        worker(space, Path(root), threads, False, deadline)
+        worker(space, Path(root), threads, False, deadline, storage)
     except KeyboardInterrupt:
         console.print(f"worker {index}: interrupted, checkpoint saved")
 
 
 def run(job: SearchJob) -> None:
     """The backend's entry point (``archkit.searching.backends``)."""
-    space, root, workers, progress, deadline = (job.space, job.root, job.workers,
-                                                job.progress, job.deadline)
-    study = open_study(space, root)
-    enqueued = recover(study)
-    if enqueued:
-        console.print(f"resuming: {enqueued} interrupted trial(s) enqueued again")
+    space, root, workers = job.space, job.root, job.workers
+    open_study(space, root, job.storage)  # created once, before the workers race for it
     threads = space.threads or max(1, (os.cpu_count() or 1) // workers)
     if workers == 1:
-        worker(space, root, threads, progress, deadline)
+        worker(space, root, threads, job.progress, job.deadline, job.storage)
         return
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_worker_process,
                                  args=(space.model_dump_json(by_alias=True), str(root),
-                                       threads, deadline, i)) for i in range(workers)]
+                                       threads, job.deadline, job.storage, i))
+                 for i in range(workers)]
     for process in processes:
         process.start()
     try:

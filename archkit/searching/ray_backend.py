@@ -54,6 +54,9 @@ def _trainable(config: dict[str, Any], space_json: str, root: str, threads: int)
 
 def run(job: SearchJob) -> None:
     """The backend's entry point (``archkit.searching.backends``)."""
+    if job.storage is not None:
+        raise SpecError("--storage", "Ray Tune keeps its experiment in runs/<name>/ray; "
+                        "--storage is for the optuna backend", job.storage)
     if job.workers > 1:
         raise SpecError("--workers", "Ray Tune runs as many trials at once as the cluster's "
                         "CPUs allow; --workers is for the optuna backend", job.workers)

@@ -31,6 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from archkit.bench import bench_inputs, measure
 from archkit.card import model_card
+from archkit.checkpoint import has_checkpoint, load_run_spec
 from archkit.evaluation import Evaluation
 from archkit.metrics import find, lookup, tag
 from archkit.searching.space import SearchSpace
@@ -129,8 +130,11 @@ def run_trial(space: SearchSpace, params: dict[str, Any], run_dir: Path, trial_i
     more when the trial is complete and recorded."""
     record: dict[str, Any] = {"trial": trial_id, "params": params, "metrics": {}}
     run_dir.mkdir(parents=True, exist_ok=True)
+    resuming = has_checkpoint(run_dir)
+    # a resumed trial keeps the name it started with (a retry runs under a new id)
+    name = load_run_spec(run_dir).name if resuming else f"{space.name}/{trial_id}"
     try:
-        spec = space.trial_spec(params, f"{space.name}/{trial_id}", threads)
+        spec = space.trial_spec(params, name, threads)
     except SpecError as err:
         return _finish(run_dir, {**record, "state": "failed", "reason": str(err)})
     record["label"] = label(spec)
@@ -145,7 +149,7 @@ def run_trial(space: SearchSpace, params: dict[str, Any], run_dir: Path, trial_i
                 report(record["metrics"], step)
 
         try:
-            result = train(spec, run_dir, resume=(run_dir / "checkpoint").exists(),
+            result = train(spec, run_dir, resume=resuming,
                            progress=progress, on_eval=on_eval, log_hparams=False)
         except TrainingDiverged as err:
             return _finish(run_dir, {**record, "state": "failed", "reason": str(err)})

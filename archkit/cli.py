@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
+from archkit import __version__
 from archkit.metrics import METRICS, SECTIONS, lookup
 from archkit.registry import REGISTRIES, RegistryError
 from archkit.searching.backends import BACKENDS
@@ -97,6 +98,12 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 
 def cmd_blocks(args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps({registry.kind: [
+            {"name": entry.name, "description": entry.description,
+             "config": json.loads(json.dumps(entry.config.model_json_schema(), default=str))}
+            for entry in registry] for registry in REGISTRIES}, indent=2))
+        return
     for registry in REGISTRIES:
         table = Table(title=f"{registry.kind}s", title_justify="left", show_lines=True)
         table.add_column("name", style="bold")
@@ -292,7 +299,7 @@ def cmd_experiment(args: argparse.Namespace) -> None:
 def cmd_search(args: argparse.Namespace) -> None:
     from archkit.searching import load_space, run_search
 
-    space = load_space(args.space)
+    space = load_space(args.space, parse_overrides(args.set), args.name)
     if args.trials is not None:
         space = space.model_copy(update={"budget": space.budget.model_copy(
             update={"trials": args.trials})})
@@ -331,7 +338,14 @@ def cmd_pareto(args: argparse.Namespace) -> None:
     from archkit.searching.pareto import write_reports
 
     space, results = load_search(args.run)
-    write_reports(args.run, results, space)
+    front = write_reports(args.run, results, space)
+    if args.json:
+        on_front = {r["trial"] for r in front}
+        print(json.dumps({"name": space.name, "objectives": space.metrics,
+                          "directions": space.directions,
+                          "trials": [{**r, "on_front": r["trial"] in on_front}
+                                     for r in results]}, indent=2))
+        return
     _print_front(args.run)
 
 
@@ -351,9 +365,16 @@ def _print_front(root: Path) -> None:
 
 
 def cmd_tasks_show(args: argparse.Namespace) -> None:
-    from archkit.tasks import show
+    from archkit.tasks import get_task, show
 
     overrides = parse_overrides(args.set)
+    if args.json:
+        task = get_task(args.name, preset=args.preset, **overrides)
+        print(json.dumps({"task": args.name, "settings": task.config.model_dump(mode="json"),
+                          "difficulty_name": task.difficulty_name,
+                          "examples": task.as_records(task.sample(args.n, args.seed))},
+                         indent=2))
+        return
     print(show(args.name, n=args.n, seed=args.seed, preset=args.preset, **overrides))
 
 
@@ -405,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="archkit", description="Build and search hybrid language models that sleep."
     )
+    parser.add_argument("--version", action="version", version=f"archkit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     build = commands.add_parser("build", help="validate a spec, build the model, print its card")
@@ -417,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(handler=cmd_build)
 
     blocks = commands.add_parser("blocks", help="list registered blocks, rules, controllers, tasks")
+    blocks.add_argument("--json", action="store_true", help="the registries as JSON")
     blocks.set_defaults(handler=cmd_blocks)
 
     metrics = commands.add_parser("metrics", help="every metric archkit records: name, unit, "
@@ -467,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--storage", help="Optuna storage URL, e.g. sqlite:///runs/s.db "
                                           "(default: RUNS/NAME/study.journal; a rerun uses "
                                           "the search's own)")
+    search.add_argument("--name", help="the search's name (default: the space's): its "
+                                       "directory under RUNS")
+    add_set(search)
     search.add_argument("--trials", type=_positive_int,
                         help="the budget in trials, overriding the space's; a rerun with a "
                              "larger number extends the search")
@@ -496,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pareto = commands.add_parser("pareto", help="a search's front: table, pareto.csv, .png")
     pareto.add_argument("run", type=Path, help="a search directory, e.g. runs/sleep_n")
+    pareto.add_argument("--json", action="store_true",
+                        help="every trial's record with on_front, as JSON")
     pareto.set_defaults(handler=cmd_pareto)
 
     tasks = commands.add_parser("tasks", help="look at the tasks").add_subparsers(
@@ -504,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("name", help="a registered task (see `archkit blocks`)")
     show.add_argument("--preset", choices=["cpu", "paper"], default="cpu")
     show.add_argument("-n", type=_positive_int, default=3, help="examples (default 3)")
+    show.add_argument("--json", action="store_true", help="the examples as JSON")
     show.add_argument("--seed", type=int, default=0)
     show.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a task field, e.g. steps=8 (repeatable)")

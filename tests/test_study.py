@@ -149,3 +149,31 @@ def test_a_killed_search_leaves_its_trial_to_the_next_process(tmp_path: Path) ->
     steps = [json.loads(line)["step"] for line in
              (root / "trials/0001/metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 400
+
+
+def test_search_takes_set_and_name_and_reports_as_json(tmp_path: Path) -> None:
+    path = write_space(tmp_path, "plain", trials=1)
+    runs = str(tmp_path / "runs")
+    done = finished(search(str(path), "--runs", runs, "--name", "renamed",
+                           "--set", "train.adamw_lr=0.005"))
+    assert done.returncode == 0, done.stderr
+    root = tmp_path / "runs/renamed"
+    assert not (tmp_path / "runs/plain").exists()
+    assert json.loads((root / "search.json").read_text())["space"]["set"][
+        "train.adamw_lr"] == 0.005
+    spec = yaml.safe_load((root / "trials/0000/checkpoint/spec.yaml").read_text())
+    assert spec["train"]["adamw_lr"] == 0.005 and spec["name"] == "renamed/0000"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "archkit.cli", *args],
+                              capture_output=True, text=True)
+
+    shown = json.loads(cli("pareto", str(root), "--json").stdout)
+    assert shown["name"] == "renamed" and shown["objectives"] == ["exact", "wake_ms_per_token"]
+    (trial,) = shown["trials"]
+    assert trial["on_front"] and trial["state"] == "complete"
+    blocks = json.loads(cli("blocks", "--json").stdout)
+    assert "gated_delta" in [b["name"] for b in blocks["block"]]
+    examples = json.loads(cli("tasks", "show", "depo", "-n", "2", "--json").stdout)
+    assert len(examples["examples"]) == 2 and examples["examples"][0]["answers"]
+    assert cli("--version").stdout.strip().startswith("archkit ")

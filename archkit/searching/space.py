@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -271,11 +271,17 @@ class BudgetedGridSampler(optuna.samplers.GridSampler):
         return None
 
 
-def load_space(path: str | Path) -> SearchSpace:
+def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None,
+               name: str | None = None) -> SearchSpace:
     """Read and validate a search space; every parameter must give a valid spec for at least
-    one of its values, so that a misspelt field fails here and not trial by trial."""
+    one of its values, so that a misspelt field fails here and not trial by trial.
+    ``overrides`` (dotted spec keys) join the space's ``set``; ``name`` renames it."""
     path = Path(path)
     data = read_based_on_spec(path, "a search space")
+    if overrides:
+        data["set"] = {**(data.get("set") or {}), **overrides}
+    if name is not None:
+        data["name"] = name
     space: SearchSpace = parse_spec(data, path, SearchSpace)
     try:
         base = space.trial_spec({}, space.name)

@@ -280,6 +280,21 @@ class Task(ABC):
         assert self.pad_id is not None
         return f"({len(ids) - len(kept)} x {self.vocab[self.pad_id]})\n{text}"
 
+    def as_records(self, batch: TaskBatch) -> list[dict[str, Any]]:
+        """The examples as plain data: difficulty, decoded context and prediction tokens
+        (padding left out) and the answer tokens."""
+        records = []
+        for i, row in enumerate(batch.tokens.tolist()):
+            answers = batch.loss_mask[i].tolist()
+            kept = [p for p, t in enumerate(row) if t != self.pad_id]
+            records.append({
+                "difficulty": int(batch.difficulty[i]),
+                "context": [self.vocab[row[p]] for p in kept if p < self.context_len],
+                "prediction": [self.vocab[row[p]] for p in kept if p >= self.context_len],
+                "answers": [self.vocab[t] for t, a in zip(row, answers, strict=True) if a],
+            })
+        return records
+
     def describe(self, batch: TaskBatch) -> str:
         """Decoded examples with their difficulty; answer tokens are shown as ``[x]``."""
         settings = ", ".join(f"{k}={v}" for k, v in self.config.model_dump().items())

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from archkit.spec import Spec, SpecError, load_spec
+from archkit.spec import Spec, SpecError, load_spec, with_overrides
 
 if TYPE_CHECKING:
     import pandas
@@ -34,12 +34,7 @@ __all__ = ["build", "evaluate", "load_run", "load_spec", "search", "train"]
 
 def _spec(spec_or_path: Spec | str | Path, overrides: Mapping[str, Any] | None) -> Spec:
     if isinstance(spec_or_path, Spec):
-        if not overrides:
-            return spec_or_path
-        from archkit.spec import parse_spec
-        from archkit.spec_files import apply_dotted
-
-        return parse_spec(apply_dotted(spec_or_path.model_dump(mode="json"), overrides))
+        return with_overrides(spec_or_path, overrides) if overrides else spec_or_path
     return load_spec(spec_or_path, overrides)
 
 

@@ -33,8 +33,8 @@ from safetensors.torch import load_model, save_model
 
 from archkit.card import parameter_shapes, require_memory
 from archkit.sleep import SleepingModel
-from archkit.spec import Spec, SpecError, load_spec, parse_spec
-from archkit.spec_files import apply_dotted, flatten_dotted
+from archkit.spec import Spec, SpecError, load_spec, with_overrides
+from archkit.spec_files import changed_fields
 from archkit.tasks import Task
 
 CHECKPOINT = "checkpoint"
@@ -89,11 +89,7 @@ def load_run_spec(run_dir: Path, overrides: Mapping[str, Any] | None = None) -> 
 def spec_changes(old: Spec, new: Spec) -> dict[str, tuple[Any, Any]]:
     """Every dotted field whose value differs: ``{"sleep.passes": (1, 2)}``. A list is one
     value; a field one spec lacks (a controller's option) is None there."""
-    before = flatten_dotted(old.model_dump(mode="json"))
-    after = flatten_dotted(new.model_dump(mode="json"))
-    fields = [*before, *(field for field in after if field not in before)]
-    return {field: (before.get(field), after.get(field)) for field in fields
-            if before.get(field) != after.get(field)}
+    return changed_fields(old.model_dump(mode="json"), new.model_dump(mode="json"))
 
 
 def describe_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
@@ -133,7 +129,7 @@ def _changes_shapes(trained: Spec, field: str, value: Any,
     """Whether changing ``field`` alone to ``value`` changes a tensor's shape (a change
     that is invalid on its own counts as one that does)."""
     try:
-        alone = parse_spec(apply_dotted(trained.model_dump(mode="json"), {field: value}))
+        alone = with_overrides(trained, {field: value})
     except SpecError:
         return True
     return parameter_shapes(alone.model) != saved

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -37,7 +38,7 @@ class Metric:
     sources: tuple[Source, ...]  # where the number comes from
     meaning: str
 
-    @property
+    @cached_property
     def pattern(self) -> re.Pattern[str]:
         """The names this row covers: itself, or its family with any value in ``<...>``."""
         parts = re.split(r"<[^>]+>", self.name)

@@ -375,6 +375,11 @@ def parse_spec(
         raise err.with_file(file or "<spec>") from None
 
 
+def with_overrides(spec: Spec, overrides: Mapping[str, Any]) -> Spec:
+    """``spec`` with dotted ``overrides`` applied, validated again."""
+    return parse_spec(apply_dotted(spec.model_dump(mode="json"), overrides))
+
+
 def load_spec(
     path: str | Path, overrides: Mapping[str, Any] | None = None, schema: type[BaseModel] = Spec
 ) -> Any:

@@ -39,6 +39,16 @@ def flatten_dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def changed_fields(before: Mapping[str, Any], after: Mapping[str, Any]
+                   ) -> dict[str, tuple[Any, Any]]:
+    """Every dotted field whose value differs between two trees, ``{"a.b": (old, new)}``,
+    in ``before``'s order then ``after``'s; a field one tree lacks is None there."""
+    old, new = flatten_dotted(before), flatten_dotted(after)
+    fields = [*old, *(field for field in new if field not in old)]
+    return {field: (old.get(field), new.get(field)) for field in fields
+            if old.get(field) != new.get(field)}
+
+
 def apply_dotted(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Apply ``{"a.b.c": value}`` overrides, creating intermediate mappings."""
     result = dict(data)

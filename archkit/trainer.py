@@ -196,9 +196,10 @@ def check_run_dir(spec: Spec, run_dir: Path, resume: bool) -> Spec | None:
                if not (name == "train.steps" and new > old) and name not in WHERE_IT_RUNS}
     if refused:
         raise SpecError("resume", f"the spec differs from the checkpoint's: "
-                        f"{describe_changes(refused)}. Only a larger train.steps may change "
-                        "(it extends the run); resume with the checkpoint's spec or train "
-                        "another run under another name", file=run_dir)
+                        f"{describe_changes(refused)}. Only a larger train.steps (it extends "
+                        "the run) and where it runs (train.threads, train.device) may "
+                        "change; resume with the checkpoint's spec or train another run "
+                        "under another name", file=run_dir)
     return trained
 
 

@@ -132,7 +132,7 @@ def start_trial(study: optuna.Study, space: SearchSpace, root: Path
         run_dir = trial_dir(root, trial.number)
         retry_of = trial.user_attrs.get("retry_of")
         if retry_of is not None:
-            previous = Path(study.trials[retry_of].user_attrs["run_dir"])
+            previous = Path(trials[retry_of].user_attrs["run_dir"])
             if previous.exists() and not run_dir.exists():
                 previous.rename(run_dir)
         trial.set_user_attr("run_dir", str(run_dir))

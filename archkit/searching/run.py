@@ -24,7 +24,7 @@ from archkit.searching.pareto import front_of, write_reports
 from archkit.searching.space import SearchSpace
 from archkit.searching.trial import load_results
 from archkit.spec import SpecError
-from archkit.spec_files import flatten_dotted
+from archkit.spec_files import changed_fields, flatten_dotted
 
 SEARCH_FILE = "search.json"
 
@@ -91,17 +91,18 @@ def _claim(root: Path, space: SearchSpace, backend: str, storage: str | None) ->
     before = saved.get("space_fields") or _comparable(saved["space"])
     _refuse_changes(path, "space", before, now["space_fields"])
     if "base_spec" in saved:  # searches recorded before snapshots adopt the current one
-        _refuse_changes(path, "base spec", flatten_dotted(saved["base_spec"]),
-                        flatten_dotted(now["base_spec"]))
+        _refuse_changes(path, "base spec", saved["base_spec"], now["base_spec"])
     path.write_text(json.dumps({**saved, **now}, indent=2))  # the budget may have grown
     return saved.get("storage")
 
 
 def _refuse_changes(path: Path, what: str, before: dict[str, Any], now: dict[str, Any]
                     ) -> None:
-    changed = sorted(k for k in {*before, *now} if before.get(k) != now.get(k))
+    """Refuse a rerun whose ``what`` (trees of fields) changed, naming the fields."""
+    changes = changed_fields(before, now)
+    changed = sorted(changes)
     if changed:
-        shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        shown = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in changed[:4])
         more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
         raise SpecError(", ".join(changed[:4]), f"{path.parent} holds a search whose {what} "
                         f"differs ({shown}{more}); to start afresh, give the space another "

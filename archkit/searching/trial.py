@@ -96,10 +96,11 @@ def measure_latency(spec: Spec, threads: int, repeats: int, decode: int
                for key in ("wake_ms_per_token", "wake_ms_p99", "answer_ms",
                            "sleep_ms_per_window")}
     spread = (max(per_repeat) - min(per_repeat)) / median if median else 0.0
-    exact_counts = {key: runs[0][key] for key in ("sleeps", "passes_per_sleep", "kv_peak_tokens",
-                                                  "kv_peak_bytes", "fast_weight_bytes", "params")}
+    same_every_repeat = {key: runs[0][key] for key in (
+        "sleeps", "passes_per_sleep", "kv_peak_tokens", "kv_peak_bytes", "fast_weight_bytes",
+        "params")}
     return ({**figures, "wake_ms_max": max(r["wake_ms_max"] for r in runs),
-             "wake_repeat_spread": spread, **exact_counts, **card_metrics(sleeper, spec)},
+             "wake_repeat_spread": spread, **same_every_repeat, **card_metrics(sleeper, spec)},
             per_repeat)
 
 

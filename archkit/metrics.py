@@ -27,7 +27,7 @@ from typing import Literal, get_args
 import yaml
 
 Direction = Literal["maximize", "minimize"]
-Source = Literal["evaluation", "training", "bench", "card"]
+Source = Literal["evaluation", "training", "bench", "card", "search"]
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,8 @@ SECTIONS: dict[str, str] = {
     "eval": "an evaluation during training, on the held-out set",
     "final": "the run's last evaluation (TensorBoard HParams)",
     "bench": "a latency and memory measurement",
-    "front": "the Pareto front of a search, one point per trial on it",
-    "trials": "every complete trial of a search",
+    "front": "the Pareto front of a search, as a figure",
+    "trials": "a search trial's HParams session, one per trial (TensorBoard HParams)",
 }
 
 # Names used before the vocabulary, kept only to point a user at the new one.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,15 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.plugins.hparams.api_pb2 import Status
+from tensorboard.plugins.hparams.plugin_data_pb2 import (
+    HParamsPluginData,
+    SessionEndInfo,
+    SessionStartInfo,
+)
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
 
 from archkit.checkpoint import FINAL
 from archkit.evaluation import Evaluation
@@ -144,8 +152,36 @@ class TrainLogger:
         self.writer.close()
 
     def _hparams(self, final: dict[str, float], step: int) -> None:
-        with SummaryWriter(str(self.run_dir), filename_suffix=HPARAMS_SUFFIX) as writer:
-            for summary in hparams(flatten(self.spec.model_dump(mode="json")), final):
-                writer.file_writer.add_summary(summary, step)
-            for name, value in final.items():
-                writer.add_scalar(name, value, step)
+        write_session(self.run_dir, flatten(self.spec.model_dump(mode="json")), final, step)
+
+
+def write_session(run_dir: Path, hparams: dict[str, Any], metrics: dict[str, float], step: int,
+                  status: str = "STATUS_SUCCESS", suffix: str = HPARAMS_SUFFIX) -> None:
+    """The HParams session of the run in ``run_dir``, in an event file of its own: the
+    hyperparameters, the ``status`` (a ``tensorboard.hparams.Status`` name) and ``metrics``
+    (TensorBoard tag -> value) as scalars at ``step``.
+
+    No experiment summary is written. TensorBoard shows the columns of the first experiment
+    summary it meets under ``--logdir`` and hides every hyperparameter it does not name;
+    without one it builds the table from all sessions, training runs and search trials."""
+    start = SessionStartInfo(start_time_secs=time.time())
+    for name, value in hparams.items():  # bool before int: True is an int too
+        field = "bool_value" if isinstance(value, bool) else \
+            "number_value" if isinstance(value, (int, float)) else "string_value"
+        setattr(start.hparams[name], field, value if field != "string_value" else str(value))
+    end = SessionEndInfo(status=Status.Value(status), end_time_secs=time.time())
+    with SummaryWriter(str(run_dir), filename_suffix=suffix) as writer:
+        writer.file_writer.add_summary(_hparams_summary(
+            hparams_metadata.SESSION_START_INFO_TAG, HParamsPluginData(session_start_info=start)),
+            step)
+        writer.file_writer.add_summary(_hparams_summary(
+            hparams_metadata.SESSION_END_INFO_TAG, HParamsPluginData(session_end_info=end)), step)
+        for name, value in metrics.items():
+            writer.add_scalar(name, value, step)
+
+
+def _hparams_summary(tag_name: str, data: HParamsPluginData) -> Summary:
+    summary = Summary()
+    summary.value.add(tag=tag_name, metadata=hparams_metadata.create_summary_metadata(data),
+                      tensor=hparams_metadata.NULL_TENSOR)
+    return summary

@@ -263,6 +263,9 @@ def test_ray_tune_search_on_a_local_ray_runtime(tmp_path: Path) -> None:
                               for r in asha_front)
     with pytest.raises(SpecError, match="optuna"):
         run_search(space, tmp_path / "runs", backend="optuna", progress=False)
+    # Tune's own experiment folder holds no TensorBoard runs: each trial shows up once
+    assert not list((tmp_path / "runs/ray/ray").rglob("events.out.tfevents.*"))
+    assert list((tmp_path / "runs/ray/ray").rglob("progress.csv"))
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")),

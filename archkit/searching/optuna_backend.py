@@ -163,8 +163,7 @@ def worker(space: SearchSpace, root: Path, threads: int, progress: bool,
                 trial.set_user_attr("reason", record["reason"])
                 study.tell(trial, state=TrialState.FAIL)
         console.print(trial_line(record, space.metrics))
-        with file_lock(root / ".report.lock"):
-            write_reports(root, load_results(root), space)
+        write_reports(root, load_results(root), space)
 
 
 class IntermediateValues:

@@ -1,5 +1,6 @@
 """Pareto fronts of finished trials: the table, ``pareto.csv``, ``pareto.png`` and the
-TensorBoard view under ``runs/<name>/front``.
+TensorBoard view (an HParams session per trial, the front figure under
+``runs/<name>/front``).
 
 A trial is on the front when no other complete trial is at least as good on every
 objective and strictly better on one. Equal points do not dominate each other, so ties
@@ -10,17 +11,26 @@ an early-stopping scheduler stopped has only partial ones.
 from __future__ import annotations
 
 import csv
-import shutil
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from matplotlib.figure import Figure
 from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
 from archkit.metrics import tag
 from archkit.searching.space import SearchSpace
+from archkit.tracking import HPARAMS_SUFFIX, flatten, write_session
+
+REPORT_LOCK = ".report.lock"
+BOARD_STATE = "board.json"  # what the board already shows: on_front per trial, drawn step
+BOARD_METRICS = ("exact", "wake_ms_per_token", "wake_ms_p99", "sleep_ms_per_window",
+                 "fast_weight_bytes")
+TRIAL_STATUS = {"complete": "STATUS_SUCCESS", "failed": "STATUS_FAILURE",
+                "stopped": "STATUS_UNKNOWN"}
 
 
 def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
@@ -78,36 +88,81 @@ def _fmt(value: Any) -> str:
 def write_reports(root: Path, results: list[dict[str, Any]], space: SearchSpace
                   ) -> list[dict[str, Any]]:
     """Write ``pareto.csv`` (every complete trial, front first: its parameters, objectives
-    and columns), ``pareto.png`` and the TensorBoard front; return the front."""
+    and columns), ``pareto.png`` and the TensorBoard view (:func:`write_board`); return the
+    front. Several processes of one study may report at once: they take turns."""
     metrics, directions = space.metrics, space.directions
     candidates = competing(results, metrics)
     front = front_of(results, metrics, directions)
     on_front = {r["trial"] for r in front}
     params = sorted({k for r in candidates for k in r["params"]})
     shown = space.shown_metrics
-    with open(root / "pareto.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["trial", "on_front", *params, *shown])
-        for r in sorted(candidates, key=lambda r: r["trial"] not in on_front):
-            writer.writerow([r["trial"], r["trial"] in on_front,
-                             *(r["params"].get(k) for k in params),
-                             *(r["metrics"].get(m) for m in shown)])
-    if len(metrics) >= 2 and candidates:
-        figure = plot_front(candidates, on_front, metrics, directions)
-        figure.savefig(root / "pareto.png", dpi=120, bbox_inches="tight")
-        board = root / "front"
-        shutil.rmtree(board, ignore_errors=True)  # the front is redrawn whole, never appended
-        with SummaryWriter(str(board)) as writer:
-            writer.add_figure("front/figure", figure, global_step=len(candidates))
-            _scalar_scatter(writer, candidates, front, metrics)
+    with FileLock(root / REPORT_LOCK):
+        with open(root / "pareto.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["trial", "on_front", *params, *shown])
+            for r in sorted(candidates, key=lambda r: r["trial"] not in on_front):
+                writer.writerow([r["trial"], r["trial"] in on_front,
+                                 *(r["params"].get(k) for k in params),
+                                 *(r["metrics"].get(m) for m in shown)])
+        figure = None
+        if len(metrics) >= 2 and candidates:
+            figure = plot_front(candidates, on_front, metrics, directions, space.name)
+            figure.savefig(root / "pareto.png", dpi=120, bbox_inches="tight")
+        write_board(root, results, space, on_front, figure)
     return front
 
 
+def write_board(root: Path, results: list[dict[str, Any]], space: SearchSpace,
+                on_front: set[str], figure: Figure | None) -> None:
+    """The search in TensorBoard, only ever appended to, since a TensorBoard may be reading
+    it: one HParams session per trial, in the trial's run directory (its parameters, the
+    search, trial and state as hyperparameters; its metrics and ``on_front`` tagged
+    ``trials/<metric>``); a new ``trials/on_front`` point when a trial joins or leaves the
+    front; the front figure (``front/figure``) when a trial has completed since it was last
+    drawn. The step of these points is the number of complete trials at the time."""
+    board = root / "front"
+    board.mkdir(exist_ok=True)
+    state_path = board / BOARD_STATE
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    shown, step = state.setdefault("on_front", {}), len(competing(results, space.metrics))
+    for record in results:
+        trial, run_dir = record["trial"], root / "trials" / record["trial"]
+        flag = float(trial in on_front)
+        if not list(run_dir.glob(f"*tfevents*{HPARAMS_SUFFIX}")):
+            metrics = {tag("trials", m): float(record["metrics"][m])
+                       for m in session_metrics(space) if m in record["metrics"]}
+            write_session(run_dir, session_hparams(record, space.name),
+                          {**metrics, tag("trials", "on_front"): flag}, step,
+                          TRIAL_STATUS[record["state"]])
+        elif shown.get(trial, flag) != flag:
+            with SummaryWriter(str(run_dir), filename_suffix=".front") as writer:
+                writer.add_scalar(tag("trials", "on_front"), flag, step)
+        shown[trial] = flag
+    if figure is not None and state.get("drawn") != step:
+        with SummaryWriter(str(board)) as writer:
+            writer.add_figure("front/figure", figure, global_step=step)
+        state["drawn"] = step
+    partial = state_path.with_suffix(".partial")
+    partial.write_text(json.dumps(state, indent=1))
+    partial.replace(state_path)
+
+
+def session_metrics(space: SearchSpace) -> list[str]:
+    """What a trial's HParams session shows: the objectives and columns, then the metrics
+    every front is judged by."""
+    return list(dict.fromkeys([*space.shown_metrics, *BOARD_METRICS]))
+
+
+def session_hparams(record: dict[str, Any], search: str) -> dict[str, Any]:
+    return flatten({"search": search, "trial": record["trial"], "state": record["state"],
+                    **record["params"]})
+
+
 def plot_front(candidates: list[dict[str, Any]], on_front: set[str], metrics: Sequence[str],
-               directions: Sequence[str]) -> Figure:
+               directions: Sequence[str], search: str) -> Figure:
     """The second objective (x) against the first (y), the front highlighted; each point
-    labelled by its sleep passes and layer pattern. Wake latency carries the range of its
-    bench repeats."""
+    labelled by its trial id (as in ``pareto.csv``), sleep passes and layer pattern. Wake
+    latency carries the range of its bench repeats."""
     y_metric, x_metric = metrics[0], metrics[1]
     figure = Figure(figsize=(6.4, 4.4))
     ax = figure.subplots()
@@ -128,7 +183,7 @@ def plot_front(candidates: list[dict[str, Any]], on_front: set[str], metrics: Se
             ax.scatter(xs, ys, **style)
         for x, y, r in zip(xs, ys, members, strict=True):
             name = r.get("label", {})
-            text = f"N={name.get('passes', '?')} {name.get('pattern', '')}".strip()
+            text = f"{r['trial']} N={name.get('passes', '?')} {name.get('pattern', '')}".strip()
             ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     front = sorted((r for r in candidates if r["trial"] in on_front),
                    key=lambda r: r["metrics"][x_metric])
@@ -137,18 +192,8 @@ def plot_front(candidates: list[dict[str, Any]], on_front: set[str], metrics: Se
     ax.set_xlabel(f"{x_metric} ({directions[1]})")
     ax.set_ylabel(f"{y_metric} ({directions[0]})")
     extra = f"; front over all {len(metrics)} objectives" if len(metrics) > 2 else ""
-    ax.set_title(f"{len(candidates)} complete trials, {len(front)} on the front{extra}")
+    ax.set_title(f"{search}: {len(candidates)} complete trials, {len(front)} on the front"
+                 f"{extra}")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     return figure
-
-
-def _scalar_scatter(writer: SummaryWriter, candidates: list[dict[str, Any]],
-                    front: list[dict[str, Any]], metrics: Sequence[str]) -> None:
-    """Objective 1 as TensorBoard scalars ``trials/<metric>`` and ``front/<metric>`` whose
-    step is objective 2 in thousandths (so that milliseconds become integer microseconds)."""
-    y_metric, x_metric = metrics[0], metrics[1]
-    for section, members in (("trials", candidates), ("front", front)):
-        for r in sorted(members, key=lambda r: r["metrics"][x_metric]):
-            step = round(r["metrics"][x_metric] * 1000)
-            writer.add_scalar(tag(section, y_metric), r["metrics"][y_metric], step)

@@ -24,6 +24,7 @@ import optuna
 import ray
 from ray import tune
 from ray.tune.experiment import Trial
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
@@ -63,6 +64,9 @@ def run(job: SearchJob) -> None:
     space, root, address = job.space, job.root, job.address
     deadline_s = job.deadline - time.time() if job.deadline is not None else None
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter honours verbose=0
+    # Tune's own TensorBoard logger would show every trial a second time, as a
+    # ray/_trainable_* run beside archkit's trials/ray_<id>; its CSV and JSON are kept.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     threads = space.threads or 1
     started_here = not ray.is_initialized()
@@ -87,7 +91,8 @@ def _fit(space: SearchSpace, root: Path, threads: int, deadline_s: float | None)
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True)
     else:
         run_config = tune.RunConfig(name="ray", storage_path=str(root.resolve()), verbose=0,
-                                    callbacks=[Reporter(space, root)])
+                                    callbacks=[Reporter(space, root), CSVLoggerCallback(),
+                                               JsonLoggerCallback()])
         tuner = tune.Tuner(trainable, tune_config=_tune_config(space, deadline_s),
                            run_config=run_config)
     tuner.fit()

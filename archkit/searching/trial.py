@@ -27,17 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
 from archkit.bench import bench_inputs, measure
 from archkit.card import model_card
 from archkit.checkpoint import has_checkpoint, load_run_spec
 from archkit.evaluation import Evaluation
-from archkit.metrics import find, lookup, tag
+from archkit.metrics import find
 from archkit.searching.space import SearchSpace
 from archkit.sleep import SleepingModel
 from archkit.spec import Spec, SpecError
-from archkit.tracking import flatten
 from archkit.trainer import TrainingDiverged, train
 
 RESULT = "result.json"
@@ -158,7 +156,6 @@ def run_trial(space: SearchSpace, params: dict[str, Any], run_dir: Path, trial_i
         raise TrialInterrupted(f"trial {trial_id} interrupted; its checkpoint is in {run_dir}")
     assert result.final is not None
     record["metrics"] = {**latency, **result.final.metrics()}
-    _write_hparams(run_dir, params, record["metrics"])
     record = _finish(run_dir, {**record, "state": "complete"})
     if report is not None:  # last: a scheduler may end the trial at this report
         report(record["metrics"], record["step"])
@@ -168,18 +165,6 @@ def run_trial(space: SearchSpace, params: dict[str, Any], run_dir: Path, trial_i
 def _finish(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
     (run_dir / RESULT).write_text(json.dumps(record, indent=2))
     return record
-
-
-def _write_hparams(run_dir: Path, params: dict[str, Any], metrics: dict[str, float]) -> None:
-    """One HParams session per trial: the searched parameters against every metric, tagged
-    ``final/`` (the last evaluation) or ``bench/`` (latency, memory, the model card)."""
-    def section(name: str) -> str:
-        return "final" if "evaluation" in lookup(name).sources else "bench"
-
-    with SummaryWriter(str(run_dir / "hparams")) as writer:
-        writer.add_hparams(flatten({"trial": run_dir.name, **params}),
-                           {tag(section(k), k): float(v) for k, v in metrics.items()},
-                           run_name=".")
 
 
 def trial_line(record: dict[str, Any], metrics: list[str]) -> str:

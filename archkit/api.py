@@ -110,17 +110,17 @@ def _sleeping_longer(run: Run, passes: int) -> Run:
 
 
 def search(space_path: str | Path, *, runs: str | Path = "runs", backend: str = "optuna",
-           workers: int = 1, address: str | None = None, progress: bool = True,
-           storage: str | None = None) -> pandas.DataFrame:
-    """Run (or resume) a search as ``archkit search`` does; return every finished trial as
-    a DataFrame: ``trial``, ``state``, ``on_front``, ``reason``, one column per parameter
-    (``params.<key>``) and per recorded metric."""
+           workers: int | None = None, address: str | None = None, progress: bool = True,
+           storage: str | None = None, verbose: bool = False) -> pandas.DataFrame:
+    """Run (or resume) a search as ``archkit search`` does (``workers`` None: one per free
+    core); return every finished trial as a DataFrame: ``trial``, ``state``, ``on_front``,
+    ``reason``, one column per parameter (``params.<key>``) and per recorded metric."""
     import pandas
 
     from archkit.searching import front_of, load_search, load_space, run_search
 
     space = load_space(space_path)
-    run_search(space, Path(runs), backend, workers, address, progress, storage)
+    run_search(space, Path(runs), backend, workers, address, progress, storage, verbose)
     _, results = load_search(Path(runs) / space.name)
     on_front = {r["trial"] for r in front_of(results, space.metrics, space.directions)}
     rows = [{"trial": r["trial"], "state": r["state"], "on_front": r["trial"] in on_front,

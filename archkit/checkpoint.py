@@ -82,7 +82,7 @@ def load_run_spec(run_dir: Path, overrides: Mapping[str, Any] | None = None) -> 
     """The resolved spec a run was trained with, with ``overrides`` (dotted keys) applied."""
     path = run_dir / CHECKPOINT / "spec.yaml"
     if not path.exists():
-        raise SpecError("", f"no checkpoint in {run_dir} (expected {path})", file=run_dir)
+        raise SpecError("", f"no checkpoint in it (expected {path})", file=run_dir)
     return load_spec(path, overrides)
 
 

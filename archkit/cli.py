@@ -231,7 +231,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     from archkit.bench import bench_inputs, measure
-    from archkit.card import require_memory
     from archkit.checkpoint import load_run
     from archkit.sleep import SleepingModel
 
@@ -242,7 +241,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
         spec, sleeper = run.spec, run.model
     else:
         spec = load_spec(args.target, overrides)
-        require_memory(spec.model, torch.device("cpu"), training=False)
         sleeper = SleepingModel.from_spec(spec)
     figures = measure(sleeper, *bench_inputs(spec), decode_tokens=args.decode)
     if args.json:
@@ -286,11 +284,11 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         return
     try:
         run_experiment(experiment, args.runs, progress=not args.no_progress,
-                       train_missing=not args.report_only)
+                       train_missing=not args.report_only, verbose=args.verbose)
     except KeyboardInterrupt:
         print(f"archkit: interrupted; finished runs are kept in {root}. Run the same command "
               "again to resume.", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     console.print((root / "report.md").read_text())
     console.print(f"written: {root / 'report.md'}, {root / 'report.png'}, "
                   f"{root / 'summary.json'}; tensorboard --logdir {root / 'runs'}")
@@ -308,11 +306,14 @@ def cmd_search(args: argparse.Namespace) -> None:
         return
     try:
         run_search(space, args.runs, args.backend, args.workers, args.address,
-                   progress=not args.no_progress, storage=args.storage)
+                   progress=not args.no_progress, storage=args.storage, verbose=args.verbose)
     except KeyboardInterrupt:
         print(f"archkit: interrupted; finished trials are kept in {args.runs / space.name}. "
               f"Run the same command again to resume.", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
+    if args.json:
+        print(json.dumps(pareto_json(args.runs / space.name), indent=2))
+        return
     _print_front(args.runs / space.name)
 
 
@@ -338,15 +339,22 @@ def cmd_pareto(args: argparse.Namespace) -> None:
     from archkit.searching.pareto import write_reports
 
     space, results = load_search(args.run)
-    front = write_reports(args.run, results, space)
+    write_reports(args.run, results, space)
     if args.json:
-        on_front = {r["trial"] for r in front}
-        print(json.dumps({"name": space.name, "objectives": space.metrics,
-                          "directions": space.directions,
-                          "trials": [{**r, "on_front": r["trial"] in on_front}
-                                     for r in results]}, indent=2))
+        print(json.dumps(pareto_json(args.run), indent=2))
         return
     _print_front(args.run)
+
+
+def pareto_json(root: Path) -> dict[str, Any]:
+    """A search's objectives and every trial's record, with ``on_front``."""
+    from archkit.searching import load_search
+    from archkit.searching.pareto import front_of
+
+    space, results = load_search(root)
+    on_front = {r["trial"] for r in front_of(results, space.metrics, space.directions)}
+    return {"name": space.name, "objectives": space.metrics, "directions": space.directions,
+            "trials": [{**r, "on_front": r["trial"] in on_front} for r in results]}
 
 
 def _print_front(root: Path) -> None:
@@ -417,6 +425,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int | None:
+    """``auto`` (None: one worker per free core) or a positive number."""
+    if text == "auto":
+        return None
+    try:
+        return _positive_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto or a positive integer, got {text}"
+                                         ) from None
+
+
 def add_set(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a dotted spec key, e.g. sleep.passes=4 (repeatable)")
@@ -484,8 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "search_spaces/sleep_n.yaml")
     search.add_argument("--backend", choices=list(BACKENDS), default="optuna",
                         help="optuna: embedded, on-disk study (default); ray: Ray Tune")
-    search.add_argument("--workers", type=_positive_int, default=1,
-                        help="local worker processes (optuna backend)")
+    search.add_argument("--workers", type=_workers, default=None, metavar="auto|N",
+                        help="local worker processes (optuna backend); auto (default): one "
+                             "per free core, no more than trials left")
     search.add_argument("--address", help="Ray cluster address, e.g. auto (ray backend)")
     search.add_argument("--storage", help="Optuna storage URL, e.g. sqlite:///runs/s.db "
                                           "(default: RUNS/NAME/study.journal; a rerun uses "
@@ -497,7 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the budget in trials, overriding the space's; a rerun with a "
                              "larger number extends the search")
     search.add_argument("--runs", type=Path, default=Path("runs"), help="runs directory")
-    search.add_argument("--no-progress", action="store_true", help="no live progress bars")
+    search.add_argument("--no-progress", action="store_true",
+                        help="no live progress bar (it goes to stderr)")
+    search.add_argument("-v", "--verbose", action="store_true",
+                        help="print each trial's final evaluation by difficulty")
+    search.add_argument("--json", action="store_true",
+                        help="at the end, every trial's record with on_front as JSON on "
+                             "stdout (as archkit pareto --json)")
     search.add_argument("--background", action="store_true",
                         help="detach from the terminal; output in RUNS/NAME.log")
     search.set_defaults(handler=cmd_search)
@@ -513,7 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("experiment", type=Path, help="an experiment YAML, e.g. "
                                                           "experiments/sleep_passes.yaml")
     experiment.add_argument("--runs", type=Path, default=Path("runs"), help="runs directory")
-    experiment.add_argument("--no-progress", action="store_true", help="no live progress bars")
+    experiment.add_argument("--no-progress", action="store_true",
+                            help="no live progress bar (it goes to stderr)")
+    experiment.add_argument("-v", "--verbose", action="store_true",
+                            help="print each run's final evaluation by difficulty")
     experiment.add_argument("--background", action="store_true",
                             help="detach from the terminal; output in RUNS/NAME.log")
     experiment.add_argument("--report-only", action="store_true",

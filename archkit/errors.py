@@ -23,9 +23,9 @@ class SpecError(Exception):
 
     def __str__(self) -> str:
         where = f"{self.file}: " if self.file else ""
-        field = self.path or "(top level)"
-        got = "" if self.value is None else f" (got {_short(self.value)})"
-        return f"{where}{field}{got}: {self.expected}"
+        got = "" if self.value is None else f"(got {_short(self.value)})"
+        field = " ".join(part for part in (self.path, got) if part)  # no path: the whole file
+        return f"{where}{field}: {self.expected}" if field else f"{where}{self.expected}"
 
 
 def _short(value: Any) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,6 +30,7 @@ from pydantic import Field
 
 from archkit.checkpoint import load_run
 from archkit.evaluation import evaluate_run
+from archkit.progress import OverallProgress, Tally, trained_fraction
 from archkit.spec import Spec, SpecError, StrictModel, load_spec, parse_spec
 from archkit.spec_files import read_based_on_spec
 from archkit.trainer import train
@@ -92,10 +94,38 @@ def arms(experiment: Experiment, lr: float | None) -> list[Arm]:
     return [arm for group in arm_groups(experiment, lr) for arm in group]
 
 
+def planned_runs(experiment: Experiment) -> dict[str, int]:
+    """Every run the experiment trains, by name, with its training steps."""
+    base = experiment.spec({}, "base")
+    assert base.train is not None
+    runs = {f"lr{lr:g}_N1_s{experiment.seeds[0]}": base.train.steps
+            for lr in experiment.tune_lr or []}
+    for arm in arms(experiment, None):
+        for seed in experiment.seeds:
+            runs[f"{arm.name}_s{seed}"] = arm.overrides.get("train.steps", base.train.steps)
+    return runs
+
+
+def experiment_tally(root: Path, experiment: Experiment) -> Callable[[], Tally]:
+    """Where the experiment stands, read from its runs: finished ones, those under way by
+    their trained fraction, the best ``exact`` so far."""
+    planned = planned_runs(experiment)
+
+    def tally() -> Tally:
+        finals = {name: root / "runs" / name / "final.json" for name in planned}
+        done = [json.loads(path.read_text()) for path in finals.values() if path.exists()]
+        under_way = sum(trained_fraction(root / "runs" / name, steps)
+                        for name, steps in planned.items() if not finals[name].exists())
+        return Tally(len(done), len(done) + under_way,
+                     max((final["exact"] for final in done), default=None))
+    return tally
+
+
 def run_once(experiment: Experiment, root: Path, name: str, overrides: dict[str, Any],
-             progress: bool, train_missing: bool = True) -> dict[str, Any] | None:
+             verbose: bool, train_missing: bool = True) -> dict[str, Any] | None:
     """Train one run (or resume it, or read it back if finished) and return final.json;
-    without ``train_missing``, None for a run that has not finished."""
+    without ``train_missing``, None for a run that has not finished. ``verbose`` prints
+    the run's final evaluation by difficulty."""
     run_dir = root / "runs" / name
     final = run_dir / "final.json"
     if not final.exists() and not train_missing:
@@ -103,13 +133,13 @@ def run_once(experiment: Experiment, root: Path, name: str, overrides: dict[str,
     if not final.exists():
         spec = experiment.spec(overrides, f"{experiment.name}/{name}")
         result = train(spec, run_dir, resume=(run_dir / "checkpoint").exists(),
-                       progress=progress)
+                       progress=False, final_table=verbose)
         if result.interrupted:
             raise KeyboardInterrupt(f"{name} interrupted; its checkpoint is in {run_dir}")
     return json.loads(final.read_text())
 
 
-def tuned_lr(experiment: Experiment, root: Path, progress: bool, train_missing: bool = True
+def tuned_lr(experiment: Experiment, root: Path, verbose: bool, train_missing: bool = True
              ) -> float | None:
     """The learning rate with the best N=1 accuracy on the first seed (ties: the first)."""
     if not experiment.tune_lr:
@@ -117,7 +147,7 @@ def tuned_lr(experiment: Experiment, root: Path, progress: bool, train_missing: 
     seed = experiment.seeds[0]
     finals = {lr: run_once(experiment, root, f"lr{lr:g}_N1_s{seed}",
                            {"sleep.passes": 1, "train.lr": lr, "seed": seed},
-                           progress, train_missing) for lr in experiment.tune_lr}
+                           verbose, train_missing) for lr in experiment.tune_lr}
     scores = {lr: final["exact"] for lr, final in finals.items() if final is not None}
     if len(scores) < len(finals):
         raise SpecError("tune_lr", "the learning-rate runs at N=1 have not all finished; "
@@ -126,19 +156,28 @@ def tuned_lr(experiment: Experiment, root: Path, progress: bool, train_missing: 
 
 
 def run_experiment(experiment: Experiment, runs: Path, progress: bool = True,
-                   train_missing: bool = True) -> dict[str, Any]:
+                   train_missing: bool = True, verbose: bool = False) -> dict[str, Any]:
     """Train every run the experiment names (``train_missing=False``: only report the
-    finished ones) and write the report."""
+    finished ones) and write the report. ``progress`` shows one bar for the whole
+    experiment on stderr, ``verbose`` each run's final table."""
     root = runs / experiment.name
     root.mkdir(parents=True, exist_ok=True)
-    lr = tuned_lr(experiment, root, progress, train_missing)
+    with OverallProgress(experiment.name, len(planned_runs(experiment)),
+                         experiment_tally(root, experiment), "exact",
+                         enabled=progress and train_missing):
+        return _run_all(experiment, root, runs, train_missing, verbose)
+
+
+def _run_all(experiment: Experiment, root: Path, runs: Path, train_missing: bool,
+             verbose: bool) -> dict[str, Any]:
+    lr = tuned_lr(experiment, root, verbose, train_missing)
     table: dict[str, list[dict[str, Any]]] = {}
     summary: dict[str, Any] = {}
     runs_in_order = [(arm, seed) for group in arm_groups(experiment, lr)
                      for seed in experiment.seeds for arm in group]
     for arm, seed in runs_in_order:
         name = f"{arm.name}_s{seed}"
-        final = run_once(experiment, root, name, {**arm.overrides, "seed": seed}, progress,
+        final = run_once(experiment, root, name, {**arm.overrides, "seed": seed}, verbose,
                          train_missing)
         if final is None:
             continue

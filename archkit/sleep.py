@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from archkit.blocks.common import FastWeightState, KVCache, map_state, state_bytes
 from archkit.blocks.fast_weight import FastWeightBlock
+from archkit.card import require_memory
 from archkit.model import HybridModel, ModelState
 from archkit.sleep_controllers import SleepController, make_controller
 from archkit.spec import SleepSpec, Spec, SpecError
@@ -97,9 +98,11 @@ class SleepingModel(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: Spec) -> SleepingModel:
-        """The spec's model, initialised from ``spec.seed``, sleeping as ``spec.sleep`` says."""
+        """The spec's model, initialised from ``spec.seed``, sleeping as ``spec.sleep`` says;
+        a model whose weights could not fit in memory is refused before allocating."""
         if spec.sleep is None:
             raise SpecError("sleep", "a `sleep:` section is needed to build a sleeping model")
+        require_memory(spec.model, torch.device("cpu"), training=False)
         torch.manual_seed(spec.seed)
         return cls(HybridModel(spec.model), spec.sleep)
 

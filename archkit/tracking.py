@@ -76,9 +76,10 @@ class TrainLogger:
     TensorBoard hides events after it; the step's own points stay in both."""
 
     def __init__(self, run_dir: Path, spec: Spec, total_steps: int, resumed_from: int | None,
-                 progress: bool, log_every: int = 1, log_hparams: bool = True) -> None:
+                 progress: bool, log_every: int = 1, log_hparams: bool = True,
+                 final_table: bool = True) -> None:
         self.run_dir, self.spec, self.log_every = run_dir, spec, log_every
-        self.log_hparams = log_hparams
+        self.log_hparams, self.final_table = log_hparams, final_table
         self.metrics_path = run_dir / "metrics.jsonl"
         if resumed_from is not None:
             self._truncate_after(resumed_from)
@@ -148,7 +149,9 @@ class TrainLogger:
                 self._hparams({tag("final", k): metrics[k] for k in ("exact", "per_answer",
                                                                      "loss")}, step)
             (self.run_dir / FINAL).write_text(json.dumps(metrics, indent=2))
-            self.console.print(score_table(result.score, f"{self.spec.name}: final evaluation"))
+            if self.final_table:
+                self.console.print(score_table(result.score,
+                                               f"{self.spec.name}: final evaluation"))
         self.writer.close()
 
     def _hparams(self, final: dict[str, float], step: int) -> None:

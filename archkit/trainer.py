@@ -185,12 +185,12 @@ def check_run_dir(spec: Spec, run_dir: Path, resume: bool) -> Spec | None:
     checkpoint's spec after refusing a ``spec`` that differs from it in anything but a
     larger ``train.steps`` (or where it runs: ``WHERE_IT_RUNS``). Reads only."""
     if has_checkpoint(run_dir) and not resume:
-        raise SpecError("", f"{run_dir} already holds a run; pass --resume to continue it or "
+        raise SpecError("", "it already holds a run; pass --resume to continue it or "
                         "--name to start another", file=run_dir)
     if not resume:
         return None
     if not has_checkpoint(run_dir):
-        raise SpecError("", f"nothing to resume: no checkpoint in {run_dir}", file=run_dir)
+        raise SpecError("", "nothing to resume: no checkpoint in it", file=run_dir)
     trained = load_run_spec(run_dir)
     refused = {name: (old, new) for name, (old, new) in spec_changes(trained, spec).items()
                if not (name == "train.steps" and new > old) and name not in WHERE_IT_RUNS}
@@ -315,8 +315,8 @@ def due(step: int, every: int, last: int) -> bool:
 
 def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True,
           on_step: Callable[[int, float, SleepingModel], None] | None = None,
-          on_eval: Callable[[int, Evaluation], None] | None = None, log_hparams: bool = True
-          ) -> TrainResult:
+          on_eval: Callable[[int, Evaluation], None] | None = None, log_hparams: bool = True,
+          final_table: bool = True) -> TrainResult:
     """Train ``spec`` into ``run_dir``. Ctrl-C saves a checkpoint at the end of the step and
     returns with ``interrupted=True``; ``resume`` continues from the checkpoint exactly, or
     extends the run to a larger ``train.steps``, and refuses any other change of the spec
@@ -324,7 +324,8 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
     ``on_eval(step, evaluation)`` after every evaluation (``step`` counts finished steps);
     either may raise KeyboardInterrupt to stop the run as Ctrl-C does.
     ``log_hparams=False`` leaves the TensorBoard hparams entry to the caller (a search
-    writes its own, per trial)."""
+    writes its own, per trial); ``progress`` shows the live bar, ``final_table`` the
+    final evaluation by difficulty."""
     train_spec, task = require(spec)
     trained = check_run_dir(spec, run_dir, resume)
     extended = trained is not None and trained.train is not None and \
@@ -349,7 +350,7 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
     eval_batch = task.eval_batch(train_spec.eval_size, spec.seed)
     logger = TrainLogger(run_dir, spec, train_spec.steps,
                          None if trained is None else state.step, progress,
-                         train_spec.log_every, log_hparams)
+                         train_spec.log_every, log_hparams, final_table)
     if trained is None or extended:
         logger.spec_text(state.step)
     announce_start()

@@ -109,3 +109,17 @@ def test_search_in_python_returns_the_trials_the_cli_reports(tmp_path: Path) -> 
         tags = scalar_tags(result.parent)
         assert_tags(tags, "a trial's run")
         assert {"trials/exact", "trials/flops_per_token", "trials/on_front"} <= set(tags)
+
+
+def test_building_in_python_refuses_a_model_that_cannot_fit_in_memory() -> None:
+    with pytest.raises(SpecError, match="fits in memory") as refused:
+        archkit.build(SPEC, {"model.vocab_size": 99_999_999_999})
+    assert refused.value.path == "model.vocab_size"
+
+
+def test_an_error_about_a_whole_file_names_the_file_and_no_field() -> None:
+    assert str(SpecError("", "not valid YAML", file="a.yaml")) == "a.yaml: not valid YAML"
+    assert str(SpecError("", "a mapping", "list", file="a.yaml")) == \
+        "a.yaml: (got 'list'): a mapping"
+    assert str(SpecError("model.d_model", "a multiple of 2", 3)) == \
+        "model.d_model (got 3): a multiple of 2"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import random
 import signal
@@ -192,6 +193,58 @@ def finished_and_running(root: Path) -> tuple[Path, Path] | None:
     return (done[0], running[0]) if done and running else None
 
 
+def test_ctrl_c_on_the_search_command_stops_its_worker_processes_with_checkpoints(
+        tmp_path: Path) -> None:
+    """The workers run in their own process group, as after a Ctrl-C in a terminal that
+    reaches the command alone: the command passes it on, once, and every worker stops
+    after its step with a checkpoint that the rerun continues."""
+    path = write_space(tmp_path, name="pair", budget={"trials": 2, "steps": 400},
+                       params={"sleep.passes": {"choices": [1, 2]}})
+    root = tmp_path / "runs/pair"
+    command = [sys.executable, "-m", "archkit.cli", "search", str(path), "--workers", "2",
+               "--runs", str(tmp_path / "runs"), "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 300
+    while len(list(root.glob("trials/*/checkpoint/trainer.pt"))) < 2:
+        assert process.poll() is None and time.time() < deadline, process.stderr.read()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    stderr = process.stderr.read()
+    assert stderr.count("interrupted, checkpoint saved") == 2, stderr
+    cut = {d: torch.load(d / "checkpoint/trainer.pt", weights_only=False)["step"]
+           for d in root.glob("trials/*")}
+    assert len(cut) == 2 and all(0 < step < 400 for step in cut.values())
+    for run_dir in cut:  # no worker is left running: each trial's lock is free
+        with open(run_dir / ".running.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    done = subprocess.run([*command[:-1]], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(p.read_text()) for p in root.glob("trials/*/result.json")]
+    assert sorted(r["params"]["sleep.passes"] for r in results) == [1, 2]
+    assert all(r["state"] == "complete" and r["step"] == 400 for r in results)
+
+
+def test_the_search_bar_goes_to_stderr_and_json_results_to_stdout(tmp_path: Path) -> None:
+    path = write_space(tmp_path, name="quiet", budget={"trials": 2, "steps": 3},
+                       params={"sleep.passes": {"choices": [1, 2]}})
+    done = subprocess.run([sys.executable, "-m", "archkit.cli", "search", str(path), "--json",
+                           "--runs", str(tmp_path / "runs")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)  # nothing but the JSON on stdout
+    assert report["objectives"] == ["exact", "wake_ms_per_token"]
+    assert len(report["trials"]) == 2 and any(t["on_front"] for t in report["trials"])
+    best = max(t["metrics"]["exact"] for t in report["trials"])
+    assert "2/2 runs" in done.stderr and f"best exact {best:.4g}" in done.stderr
+    assert "final evaluation" not in done.stdout + done.stderr  # per-trial tables: -v only
+    verbose = subprocess.run([sys.executable, "-m", "archkit.cli", "search", str(path), "-v",
+                              "--name", "loud", "--runs", str(tmp_path / "runs"),
+                              "--workers", "1", "--no-progress"], capture_output=True, text=True)
+    assert verbose.returncode == 0, verbose.stderr
+    assert verbose.stdout.count("final evaluation") == 2
+
+
 @pytest.mark.parametrize("backend", ["optuna", "ray"])
 def test_an_interrupted_search_resumes_without_losing_finished_trials(
         tmp_path: Path, backend: str) -> None:
@@ -200,6 +253,8 @@ def test_an_interrupted_search_resumes_without_losing_finished_trials(
     root = tmp_path / "runs/cut"
     command = [sys.executable, "-m", "archkit.cli", "search", str(path), "--backend", backend,
                "--runs", str(tmp_path / "runs"), "--no-progress"]
+    if backend == "optuna":
+        command += ["--workers", "1"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
     deadline = time.time() + 300

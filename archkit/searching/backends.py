@@ -27,9 +27,9 @@ BACKENDS: dict[str, str] = {
 class SearchJob:
     space: SearchSpace
     root: Path  # runs/<name>
-    workers: int  # local worker processes asked for (--workers)
+    workers: int | None  # local worker processes asked for (--workers; None: auto)
     address: str | None  # a cluster to join (--address)
-    progress: bool  # live progress bars
+    verbose: bool  # each trial's live bar and final table by difficulty
     deadline: float | None  # time.time() after which no trial starts
     storage: str | None = None  # an Optuna storage URL (None: root/study.journal)
 

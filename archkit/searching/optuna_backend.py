@@ -7,22 +7,34 @@ one machine, or on several sharing ``runs/``) are workers of one study. Each wor
 loops: under a file lock it recovers abandoned trials, counts the trials that have used
 the budget (complete ones and those failed for a reason of their own: an invalid spec, a
 divergence) plus the running ones, asks for a new trial if there is room and takes the
-trial's lock, then runs it and tells the study the objective values. Trial ``n`` runs in
-``trials/<n:04d>``, Optuna's trial number.
+trial's lock, then runs it and tells the study the objective values. A worker stops once
+the budget is used; while running trials take the rest of it, it waits, so every command
+on a study ends with the whole front, and a trial whose process dies meanwhile is taken
+over. Trial ``n`` runs in ``trials/<n:04d>``, Optuna's trial number.
 
 A running trial holds an exclusive lock on ``trials/<n>/.running.lock`` for as long as
 its process lives (the kernel releases it when the process dies), so a trial is
 abandoned exactly when its lock is free. Nothing finished is lost: an abandoned trial,
 or one stopped by Ctrl-C, is marked failed and enqueued again with the same parameters;
 its retry moves the directory to its own number and resumes the checkpoint.
+
+``--workers auto`` (the default) starts one worker per free core, a core being free when
+it was idle over half a second before the search starts, but no more workers than trials
+left; each
+trial then trains on ``threads`` threads (the space's, or 1). The workers run in their
+own process group: a Ctrl-C in the terminal reaches the search command alone, which
+passes it on to every worker once, so each stops after its current step with a
+checkpoint (a second Ctrl-C stops them at once).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import multiprocessing
 import os
+import signal
 import time
 import warnings
 from collections.abc import Iterator
@@ -40,8 +52,9 @@ from archkit.searching.pareto import write_reports
 from archkit.searching.space import SearchSpace
 from archkit.searching.trial import TrialInterrupted, load_results, run_trial, trial_line
 
-console = Console()
+console = Console(stderr=True)  # progress; results go to stdout
 RUNNING_LOCK = ".running.lock"
+WAIT_S = 2.0  # how often a worker with no trial left to start looks at the running ones
 
 
 @contextlib.contextmanager
@@ -116,17 +129,22 @@ def recover(study: optuna.Study) -> int:
 
 
 def start_trial(study: optuna.Study, space: SearchSpace, root: Path
-                ) -> tuple[optuna.Trial, dict[str, Any], Path, TextIO] | None:
+                ) -> tuple[optuna.Trial, dict[str, Any], Path, TextIO] | int | None:
     """Under the ask lock: recover, then a new trial, its directory (a retry's checkpoint
-    moved there) and its lock; None once the budget is used."""
+    moved there) and its lock; None once the budget is used; the number of running trials
+    when they take the rest of it (this worker then waits: if one of them dies, it
+    takes the trial over)."""
     with file_lock(root / ".ask.lock"):
         enqueued = recover(study)
         if enqueued:
             console.print(f"resuming: {enqueued} interrupted trial(s) enqueued again")
         trials = study.get_trials(deepcopy=False)
         running = sum(t.state == TrialState.RUNNING for t in trials)
-        if sum(map(used_budget, trials)) + running >= space.trials():
+        used = sum(map(used_budget, trials))
+        if used >= space.trials():
             return None
+        if used + running >= space.trials():
+            return running
         trial = study.ask()
         params = space.suggest(trial)
         run_dir = trial_dir(root, trial.number)
@@ -139,18 +157,26 @@ def start_trial(study: optuna.Study, space: SearchSpace, root: Path
         return trial, params, run_dir, hold(run_dir)
 
 
-def worker(space: SearchSpace, root: Path, threads: int, progress: bool,
+def worker(space: SearchSpace, root: Path, threads: int, verbose: bool,
            deadline: float | None, storage: str | None) -> None:
     """Run trials until the budget is used or the deadline has passed."""
     study = open_study(space, root, storage)
+    waiting = False
     while deadline is None or time.time() < deadline:
         started = start_trial(study, space, root)
         if started is None:
             return
+        if isinstance(started, int):
+            if not waiting:
+                console.print(f"waiting for {started} running trial(s) to finish")
+            waiting = True
+            time.sleep(WAIT_S)
+            continue
+        waiting = False
         trial, params, run_dir, lock = started
         with lock:
             try:
-                record = run_trial(space, params, run_dir, run_dir.name, threads, progress,
+                record = run_trial(space, params, run_dir, run_dir.name, threads, verbose,
                                    report=IntermediateValues(trial, space))
             except TrialInterrupted:
                 study.tell(trial, state=TrialState.FAIL)
@@ -188,34 +214,71 @@ class IntermediateValues:
                                      [[s, v] for s, v in sorted(self.values.items())])
 
 
-def _worker_process(space_json: str, root: str, threads: int, deadline: float | None,
-                    storage: str | None, index: int) -> None:
+def _worker_process(space_json: str, root: str, threads: int, verbose: bool,
+                    deadline: float | None, storage: str | None, index: int) -> None:
+    os.setpgrp()  # Ctrl-C comes through the parent, once (module docstring)
     space = SearchSpace.model_validate_json(space_json)
     try:
-        worker(space, Path(root), threads, False, deadline, storage)
+        worker(space, Path(root), threads, verbose, deadline, storage)
     except KeyboardInterrupt:
         console.print(f"worker {index}: interrupted, checkpoint saved")
 
 
 def run(job: SearchJob) -> None:
     """The backend's entry point (``archkit.searching.backends``)."""
-    space, root, workers = job.space, job.root, job.workers
-    open_study(space, root, job.storage)  # created once, before the workers race for it
-    threads = space.threads or max(1, (os.cpu_count() or 1) // workers)
+    space, root = job.space, job.root
+    study = open_study(space, root, job.storage)  # created before the workers race for it
+    if job.workers is None:
+        threads = space.threads or 1
+        left = space.trials() - sum(used_budget(t) for t in study.get_trials(deepcopy=False))
+        workers = max(1, min(free_cores() // threads, left))
+    else:
+        workers = job.workers
+        threads = space.threads or max(1, (os.cpu_count() or 1) // workers)
     if workers == 1:
-        worker(space, root, threads, job.progress, job.deadline, job.storage)
+        worker(space, root, threads, job.verbose, job.deadline, job.storage)
         return
+    console.print(f"{workers} workers, {threads} thread{'s' * (threads > 1)} per trial")
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_worker_process,
                                  args=(space.model_dump_json(by_alias=True), str(root),
-                                       threads, job.deadline, job.storage, i))
+                                       threads, job.verbose, job.deadline, job.storage, i))
                  for i in range(workers)]
     for process in processes:
         process.start()
+    interrupted = False
+    while any(process.is_alive() for process in processes):
+        try:
+            for process in processes:
+                process.join()
+        except KeyboardInterrupt:  # each Ctrl-C, passed on to the workers still running
+            interrupted = True
+            for process in processes:
+                if process.is_alive():
+                    os.kill(process.pid, signal.SIGINT)
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+def free_cores(sample_s: float = 0.5) -> int:
+    """Cores this process may use, less those busy over the next ``sample_s`` seconds (at
+    least one). Busy time comes from ``/proc/stat``; elsewhere every core counts as free."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        os.cpu_count() or 1
     try:
-        for process in processes:
-            process.join()
-    except KeyboardInterrupt:
-        for process in processes:
-            process.join()
-        raise
+        before = _cpu_times()
+        time.sleep(sample_s)
+        after = _cpu_times()
+    except (OSError, ValueError):
+        return cores
+    idle, total = (a - b for a, b in zip(after, before, strict=True))
+    busy = (1 - idle / max(1, total)) * (os.cpu_count() or cores)
+    return max(1, cores - math.floor(busy + 0.5))
+
+
+def _cpu_times() -> tuple[int, int]:
+    """Idle (with I/O wait) and total jiffies of all cores, from the first line of
+    ``/proc/stat``."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])

@@ -36,10 +36,15 @@ from archkit.searching.space import SearchSpace
 from archkit.searching.trial import RESULT, load_results, run_trial, trial_line
 from archkit.spec import SpecError
 
-console = Console()
+console = Console(stderr=True)  # progress; results go to stdout
+MAX_RETRIES = 2  # a trial whose node died runs again, up to this many times
 
 
 def _trainable(config: dict[str, Any], space_json: str, root: str, threads: int) -> None:
+    """One trial. Tune runs it again after a failure (its node died, say): it then resumes
+    the trial's checkpoint, or repeats the result of a trial that had finished, so a retry
+    never trains twice what was trained and a trial that failed on its own (an invalid
+    spec, a divergence) fails again at once."""
     space = SearchSpace.model_validate_json(space_json)
     trial_id = tune.get_context().get_trial_id()
     run_dir = Path(root) / "trials" / f"ray_{trial_id}"
@@ -48,7 +53,14 @@ def _trainable(config: dict[str, Any], space_json: str, root: str, threads: int)
     def report(metrics: dict[str, float], step: int) -> None:
         tune.report(metrics)  # Tune counts the reports itself (training_iteration)
 
-    record = run_trial(space, params, run_dir, f"ray_{trial_id}", threads, report=report)
+    finished = run_dir / RESULT
+    if finished.exists():
+        record = json.loads(finished.read_text())
+        if record["state"] == "complete":
+            report(record["metrics"], record["step"])
+    else:
+        record = run_trial(space, params, run_dir, f"ray_{trial_id}", threads, report=report,
+                           node=ray.get_runtime_context().get_node_id())
     if record["state"] != "complete":
         raise RuntimeError(record["reason"])
 
@@ -58,7 +70,7 @@ def run(job: SearchJob) -> None:
     if job.storage is not None:
         raise SpecError("--storage", "Ray Tune keeps its experiment in runs/<name>/ray; "
                         "--storage is for the optuna backend", job.storage)
-    if job.workers > 1:
+    if job.workers is not None and job.workers > 1:
         raise SpecError("--workers", "Ray Tune runs as many trials at once as the cluster's "
                         "CPUs allow; --workers is for the optuna backend", job.workers)
     space, root, address = job.space, job.root, job.address
@@ -91,6 +103,7 @@ def _fit(space: SearchSpace, root: Path, threads: int, deadline_s: float | None)
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True)
     else:
         run_config = tune.RunConfig(name="ray", storage_path=str(root.resolve()), verbose=0,
+                                    failure_config=tune.FailureConfig(max_failures=MAX_RETRIES),
                                     callbacks=[Reporter(space, root), CSVLoggerCallback(),
                                                JsonLoggerCallback()])
         tuner = tune.Tuner(trainable, tune_config=_tune_config(space, deadline_s),
@@ -119,7 +132,7 @@ def _evaluations(space: SearchSpace) -> int:
     the final one."""
     train = space.trial_spec({}, space.name).train
     assert train is not None
-    return -(-train.steps // train.eval_every) + 1
+    return -(-space.steps_per_trial() // train.eval_every) + 1
 
 
 class Reporter(tune.Callback):

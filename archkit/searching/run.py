@@ -16,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from archkit.progress import OverallProgress, Tally, trained_fraction
 from archkit.searching.backends import SearchJob, run_backend
 from archkit.searching.pareto import front_of, write_reports
 from archkit.searching.space import SearchSpace
@@ -28,12 +30,14 @@ from archkit.spec_files import changed_fields, flatten_dotted
 
 SEARCH_FILE = "search.json"
 
-def run_search(space: SearchSpace, runs: Path, backend: str = "optuna", workers: int = 1,
-               address: str | None = None, progress: bool = True,
-               storage: str | None = None) -> list[dict[str, Any]]:
-    """Run (or resume) ``space`` into ``runs/<name>``; return the Pareto front. ``storage``
-    is an Optuna storage URL (default: the journal file ``runs/<name>/study.journal``);
-    a rerun uses the one the search was started with."""
+def run_search(space: SearchSpace, runs: Path, backend: str = "optuna",
+               workers: int | None = None, address: str | None = None, progress: bool = True,
+               storage: str | None = None, verbose: bool = False) -> list[dict[str, Any]]:
+    """Run (or resume) ``space`` into ``runs/<name>``; return the Pareto front. ``workers``
+    None picks as many as there are free cores (optuna backend); ``storage`` is an Optuna
+    storage URL (default: the journal file ``runs/<name>/study.journal``), and a rerun
+    uses the one the search was started with. ``progress`` shows one bar for the whole
+    search on stderr, ``verbose`` each trial's final table."""
     root = runs / space.name
     if root.exists() and not root.is_dir():
         raise SpecError("--runs", f"{root} is a file, not a directory for the search", str(runs))
@@ -41,12 +45,33 @@ def run_search(space: SearchSpace, runs: Path, backend: str = "optuna", workers:
     storage = _claim(root, space, backend, storage)
     wall = space.budget.wall_minutes
     deadline = time.time() + wall * 60 if wall else None
-    run_backend(backend, SearchJob(space, root, workers, address, progress, deadline, storage))
+    with OverallProgress(space.name, space.trials(), search_tally(root, space),
+                         space.metrics[0], enabled=progress):
+        run_backend(backend, SearchJob(space, root, workers, address, verbose, deadline,
+                                       storage))
     results = load_results(root)
     front = write_reports(root, results, space)
     if len(results) < space.trials() and (deadline is None or time.time() < deadline):
         raise SearchInterrupted(f"{len(results)} of {space.trials()} trials finished")
     return front
+
+
+def search_tally(root: Path, space: SearchSpace) -> Callable[[], Tally]:
+    """Where the search stands, read from its directory: finished trials, those under way
+    by their trained fraction, the best first objective of the complete ones."""
+    steps = space.steps_per_trial()
+    metric, direction = space.metrics[0], space.directions[0]
+
+    def tally() -> Tally:
+        results = load_results(root)
+        done = {r["trial"] for r in results}
+        under_way = [d for d in (root / "trials").glob("*") if d.is_dir() and d.name not in done]
+        values = [r["metrics"][metric] for r in results
+                  if r["state"] == "complete" and metric in r["metrics"]]
+        best = (max if direction == "maximize" else min)(values) if values else None
+        return Tally(len(results), len(results) + sum(trained_fraction(d, steps)
+                                                      for d in under_way), best)
+    return tally
 
 
 class SearchInterrupted(KeyboardInterrupt):
@@ -113,7 +138,7 @@ def load_search(root: Path) -> tuple[SearchSpace, list[dict[str, Any]]]:
     """A search directory's space and trial records, for ``archkit pareto``."""
     path = root / SEARCH_FILE
     if not path.exists():
-        raise SpecError("", f"not a search directory: no {SEARCH_FILE} in {root}", file=root)
+        raise SpecError("", f"not a search directory: no {SEARCH_FILE} in it", file=root)
     saved = json.loads(path.read_text())
     return SearchSpace.model_validate(saved["space"]), load_results(root)
 

@@ -242,6 +242,12 @@ class SearchSpace(StrictModel):
         steps = {"train.steps": self.budget.steps} if self.budget.steps else {}
         return {**self.set, **steps, **params}
 
+    def steps_per_trial(self) -> int:
+        """Training steps of a trial: the budget's, else the base spec's."""
+        train = self.trial_spec({}, self.name).train
+        assert train is not None
+        return train.steps
+
     def trial_spec(self, params: dict[str, Any], name: str, threads: int | None = None) -> Spec:
         threads_override = {"train.threads": threads} if threads else {}
         return load_spec(self.extends,

@@ -9,8 +9,8 @@ adaptive controller's sleep cost does, and that figure is then the untrained mod
 
 Every finished trial leaves ``result.json`` in its run directory: its state (complete or
 failed, with the reason), parameters, metrics (``archkit.metrics`` names: the final
-evaluation, the bench figures and the model card's), the latency of each bench repeat and
-a label for plots.
+evaluation, the bench figures and the model card's), the latency of each bench repeat, a
+label for plots and the node it ran on (a host name, or a Ray node id).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
 import statistics
 import tempfile
 from collections.abc import Callable, Iterator
@@ -121,13 +122,15 @@ def label(spec: Spec) -> dict[str, Any]:
 
 
 def run_trial(space: SearchSpace, params: dict[str, Any], run_dir: Path, trial_id: str,
-              threads: int, progress: bool = False,
-              report: Callable[[dict[str, float], int], None] | None = None
-              ) -> dict[str, Any]:
+              threads: int, verbose: bool = False,
+              report: Callable[[dict[str, float], int], None] | None = None,
+              node: str | None = None) -> dict[str, Any]:
     """Run one trial into ``run_dir`` (resuming its checkpoint if there is one) and return
-    its record. ``report(metrics, step)`` sees the metrics after each evaluation, and once
-    more when the trial is complete and recorded."""
-    record: dict[str, Any] = {"trial": trial_id, "params": params, "metrics": {}}
+    its record; ``verbose`` prints its final evaluation by difficulty. ``report(metrics,
+    step)`` sees the metrics after each evaluation, and once more when the trial is
+    complete and recorded. ``node`` names where it runs (default: this host's name)."""
+    record: dict[str, Any] = {"trial": trial_id, "params": params, "metrics": {},
+                              "node": node or socket.gethostname()}
     run_dir.mkdir(parents=True, exist_ok=True)
     resuming = has_checkpoint(run_dir)
     # a resumed trial keeps the name it started with (a retry runs under a new id)
@@ -148,8 +151,8 @@ def run_trial(space: SearchSpace, params: dict[str, Any], run_dir: Path, trial_i
                 report(record["metrics"], step)
 
         try:
-            result = train(spec, run_dir, resume=resuming,
-                           progress=progress, on_eval=on_eval, log_hparams=False)
+            result = train(spec, run_dir, resume=resuming, progress=False, on_eval=on_eval,
+                           log_hparams=False, final_table=verbose)
         except TrainingDiverged as err:
             return _finish(run_dir, {**record, "state": "failed", "reason": str(err)})
     if result.interrupted:
@@ -163,7 +166,9 @@ def run_trial(space: SearchSpace, params: dict[str, Any], run_dir: Path, trial_i
 
 
 def _finish(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
-    (run_dir / RESULT).write_text(json.dumps(record, indent=2))
+    partial = run_dir / f"{RESULT}.partial"  # readers (progress, reports) never see half
+    partial.write_text(json.dumps(record, indent=2))
+    partial.replace(run_dir / RESULT)
     return record
 
 

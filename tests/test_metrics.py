@@ -57,7 +57,7 @@ def test_every_row_is_well_formed_and_names_are_unique() -> None:
     assert len(names) == len(set(names))
     for metric in METRICS:
         assert metric.sources and set(metric.sources) <= {"evaluation", "training", "bench",
-                                                          "card"}
+                                                          "card", "search"}
         assert metric.direction in ("maximize", "minimize", None) and metric.meaning
         assert find(metric.name.replace("<difficulty>", "3").replace("<optimizer>", "muon")
                     ) is metric

@@ -163,7 +163,7 @@ def run_experiment(experiment: Experiment, runs: Path, progress: bool = True,
     root = runs / experiment.name
     root.mkdir(parents=True, exist_ok=True)
     with OverallProgress(experiment.name, len(planned_runs(experiment)),
-                         experiment_tally(root, experiment), "exact",
+                         experiment_tally(root, experiment), "exact", "runs",
                          enabled=progress and train_missing):
         return _run_all(experiment, root, runs, train_missing, verbose)
 

@@ -54,15 +54,17 @@ def trained_fraction(run_dir: Path, steps: int) -> float:
 
 
 class OverallProgress:
-    """A context manager showing ``tally()`` as ``finished/total``, elapsed time, ETA and the
-    best ``metric`` so far, refreshed every ``every_s`` seconds from a background thread."""
+    """A context manager showing ``tally()`` as ``finished/total`` ``unit`` (trials, runs),
+    elapsed time, ETA and the best ``metric`` so far, refreshed every ``every_s`` seconds
+    from a background thread."""
 
     def __init__(self, description: str, total: int, tally: Callable[[], Tally], metric: str,
-                 enabled: bool = True, every_s: float = 2.0) -> None:
+                 unit: str, enabled: bool = True, every_s: float = 2.0) -> None:
         self.tally, self.metric, self.every_s = tally, metric, every_s
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(),
-            TextColumn("{task.fields[finished]}/{task.total:.0f} runs"), TimeElapsedColumn(),
+            TextColumn(f"{{task.fields[finished]}}/{{task.total:.0f}} {unit}"),
+            TimeElapsedColumn(),
             TextColumn("ETA"), TimeRemainingColumn(),
             TextColumn("best {task.fields[metric]} {task.fields[best]}"),
             console=Console(stderr=True), disable=not enabled,

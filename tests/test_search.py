@@ -236,7 +236,7 @@ def test_the_search_bar_goes_to_stderr_and_json_results_to_stdout(tmp_path: Path
     assert report["objectives"] == ["exact", "wake_ms_per_token"]
     assert len(report["trials"]) == 2 and any(t["on_front"] for t in report["trials"])
     best = max(t["metrics"]["exact"] for t in report["trials"])
-    assert "2/2 runs" in done.stderr and f"best exact {best:.4g}" in done.stderr
+    assert "2/2 trials" in done.stderr and f"best exact {best:.4g}" in done.stderr
     assert "final evaluation" not in done.stdout + done.stderr  # per-trial tables: -v only
     verbose = subprocess.run([sys.executable, "-m", "archkit.cli", "search", str(path), "-v",
                               "--name", "loud", "--runs", str(tmp_path / "runs"),

@@ -46,7 +46,7 @@ def run_search(space: SearchSpace, runs: Path, backend: str = "optuna",
     wall = space.budget.wall_minutes
     deadline = time.time() + wall * 60 if wall else None
     with OverallProgress(space.name, space.trials(), search_tally(root, space),
-                         space.metrics[0], enabled=progress):
+                         space.metrics[0], "trials", enabled=progress):
         run_backend(backend, SearchJob(space, root, workers, address, verbose, deadline,
                                        storage))
     results = load_results(root)

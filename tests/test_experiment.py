@@ -66,8 +66,10 @@ def test_the_experiment_command_trains_every_arm_and_reports(tmp_path: Path) -> 
     assert "| N2 at test N=8 | 2 |" in report and "+-" in report
     assert (root / "report.png").stat().st_size > 0
     before = {p: p.stat().st_mtime for p in root.glob("runs/*/final.json")}
-    again = archkit("experiment", str(path), "--runs", "runs", "--no-progress", cwd=tmp_path)
+    again = archkit("experiment", str(path), "--runs", "runs", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
+    best = max(json.loads(p.read_text())["exact"] for p in before)
+    assert "10/10 runs" in again.stderr and f"best exact {best:.4g}" in again.stderr
     assert {p: p.stat().st_mtime for p in root.glob("runs/*/final.json")} == before
     assert json.loads((root / "summary.json").read_text()) == summary
     (root / "runs/N2_s1/final.json").unlink()  # as if that run had not finished

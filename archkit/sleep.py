@@ -180,8 +180,14 @@ class SleepingModel(nn.Module):
 
     def _pass(self, h: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
         if self.sleep.checkpoint and torch.is_grad_enabled():
-            return checkpoint(self.model.run_layers, h, state, self.loop, use_reentrant=False)
+            return checkpoint(self._pass_asleep, h, state, use_reentrant=False)
         return self.model.run_layers(h, state, self.loop)
+
+    def _pass_asleep(self, h: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        """One pass under the sleep rule, whoever calls it: the backward pass recomputes a
+        checkpointed pass after ``consolidate`` has left ``asleep()``."""
+        with self.asleep():
+            return self.model.run_layers(h, state, self.loop)
 
     def _fast_weights(self, state: ModelState) -> list[Tensor]:
         return [state[i].weights for i in self.loop if isinstance(state[i], FastWeightState)]

@@ -176,10 +176,13 @@ def test_pass_norm_rescales_each_later_pass_to_the_first_pass_scale() -> None:
     assert first_window_embedding_grad(build(False, passes=2, pass_norm="rms")).abs().sum() > 0
 
 
-def test_checkpointing_gives_the_same_gradients() -> None:
+@pytest.mark.parametrize("rule", ["same", "hebbian", "delta"])
+def test_checkpointing_gives_the_same_gradients(rule: str) -> None:
+    """Also under a sleep rule, which the backward pass must use again when it recomputes
+    a checkpointed pass (it runs after the sleep has ended)."""
     grads = []
     for flag in (False, True):
-        sleeper = build(passes=2, checkpoint=flag)
+        sleeper = build(passes=2, checkpoint=flag, rule=rule)
         tokens, mask, context = batch()
         sleeper(tokens, context, mask).loss.backward()
         grads.append([p.grad.clone() for p in sleeper.parameters()])

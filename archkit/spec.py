@@ -220,6 +220,16 @@ class Spec(StrictModel):
                 self.sleep.layers[1] >= n_layers:
             raise SpecError("sleep.layers", f"layer indices within 0..{n_layers - 1}",
                             list(self.sleep.layers))
+        if self.sleep is not None and self.sleep.rule != "same":
+            self._check_sleep_rule(self.sleep.rule)
+
+    def _check_sleep_rule(self, rule: str) -> None:
+        """Every fast-weight block takes the sleep rule while asleep: each must feed it."""
+        for index, layer in enumerate(self.model.resolved_layers):
+            rule_problem = getattr(layer.config, "rule_problem", None)
+            problem = rule_problem(rule) if rule_problem is not None else None
+            if problem:
+                raise SpecError("sleep.rule", f"{problem} (layer {index}, {layer.block})", rule)
 
     @property
     def curriculum_tasks(self) -> list[TaskSpec]:

@@ -32,6 +32,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from archkit.blocks.common import Block, BlockConfig, EvictionPolicy, FastWeightState, RMSNorm
+from archkit.kernels import RULE_NEEDS
 from archkit.registry import RULES
 
 
@@ -51,11 +52,28 @@ class FastWeightConfig(BlockConfig):
             return "n_heads", f"at most d_model={d_model} (or set head_dim)"
         if self.rule not in RULES:
             return "rule", RULES.unknown_message(self.rule)
-        return None
+        problem = self.rule_problem(self.rule)
+        return ("rule", problem) if problem else None
+
+    def gives(self) -> frozenset[str]:
+        """What this block feeds its rule (``archkit.kernels.RULE_NEEDS`` names)."""
+        return frozenset()
+
+    def rule_problem(self, rule: str) -> str | None:
+        """Why ``rule`` cannot run on this block (None when it can)."""
+        missing = RULE_NEEDS.get(rule, frozenset()) - self.gives()
+        if not missing:
+            return None
+        return (f"a rule this block can feed: {rule!r} needs {', '.join(sorted(missing))}, "
+                f"which it does not give")
 
 
 class QKVConfig(FastWeightConfig):
     expand_v: Annotated[float, Field(gt=0)] = Field(1.0, description="V = K * expand_v")
+
+    def gives(self) -> frozenset[str]:
+        # q, k L2-normalised, beta = sigmoid (QKVFastWeightBlock), one decay per head
+        return frozenset({"unit_keys", "write_at_most_one", "scalar_decay"})
 
 
 class FastWeightBlock(Block):

@@ -31,6 +31,10 @@ class HebbianConfig(QKVConfig):
     rule: str = Field("hebbian", description="registered local update rule")
     decay: Literal["scalar", "per_key"] = "scalar"
 
+    def gives(self) -> frozenset[str]:
+        given = super().gives()
+        return given - {"scalar_decay"} if self.decay == "per_key" else given
+
 
 @register_block("hebbian", config=HebbianConfig,
                 description="gated Hebbian fast weights (paper Eq. 3; scalar or per-key decay)")

@@ -33,6 +33,9 @@ class Mamba2Config(FastWeightConfig):
     state_size: Annotated[int, Field(gt=0)] = Field(64, description="N: B/C width per head")
     rule: str = Field("hebbian", description="registered local update rule")
 
+    def gives(self) -> frozenset[str]:
+        return frozenset({"scalar_decay"})  # keys are B unnormalised, the strength dt > 0
+
     def check(self, d_model: int) -> tuple[str, str] | None:
         if self.head_dim is None and (self.expand * d_model) % self.n_heads:
             return "n_heads", f"must divide expand * d_model={self.expand * d_model}"

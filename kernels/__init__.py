@@ -184,6 +184,16 @@ def delta_rule(
                             output_final_state=output_final_state, impl=impl)
 
 
+# What a rule needs from the block that feeds it; a block says what it gives
+# (``archkit.blocks.fast_weight.FastWeightConfig.gives``). A rule registered elsewhere
+# needs nothing here.
+RULE_NEEDS: dict[str, frozenset[str]] = {
+    # the delta rule reads S before writing: stable only with beta ||k||^2 < 2
+    "gated_delta": frozenset({"unit_keys", "write_at_most_one", "scalar_decay"}),
+    "delta": frozenset({"unit_keys", "write_at_most_one"}),
+    "hebbian": frozenset(),  # takes a scalar or a per-key decay, any keys and strength
+}
+
 register_rule("gated_delta", description="delta rule with decay (Gated DeltaNet)")(
     gated_delta_rule
 )

@@ -176,13 +176,14 @@ def test_pass_norm_rescales_each_later_pass_to_the_first_pass_scale() -> None:
     assert first_window_embedding_grad(build(False, passes=2, pass_norm="rms")).abs().sum() > 0
 
 
-@pytest.mark.parametrize("rule", ["same", "hebbian", "delta"])
-def test_checkpointing_gives_the_same_gradients(rule: str) -> None:
+@pytest.mark.parametrize(("spec", "rule"), [("mixed", "same"), ("mixed", "hebbian"),
+                                            ("gated_delta", "delta"), ("hebbian", "gated_delta")])
+def test_checkpointing_gives_the_same_gradients(spec: str, rule: str) -> None:
     """Also under a sleep rule, which the backward pass must use again when it recomputes
     a checkpointed pass (it runs after the sleep has ended)."""
     grads = []
     for flag in (False, True):
-        sleeper = build(passes=2, checkpoint=flag, rule=rule)
+        sleeper = build(spec=spec, passes=2, checkpoint=flag, rule=rule)
         tokens, mask, context = batch()
         sleeper(tokens, context, mask).loss.backward()
         grads.append([p.grad.clone() for p in sleeper.parameters()])
@@ -265,12 +266,12 @@ def test_window_index_counts_context_then_decode_sleeps() -> None:
 
 def test_sleep_rule_override_equals_a_block_with_that_rule() -> None:
     tokens, _, context = batch(total=16, context=15)
-    swapped = build(passes=2, rule="delta")
-    native = build(passes=2)
+    swapped = build(spec="gated_delta", passes=2, rule="delta")
+    native = build(spec="gated_delta", passes=2)
     for layer in native.model.layers:
-        if layer.block_name in ("gated_delta", "hebbian", "mamba2"):
+        if layer.block_name == "gated_delta":
             layer.mixer.rule = "delta"
-    wake = build(passes=2)
+    wake = build(spec="gated_delta", passes=2)
     slept = [m.init_wake(tokens[:, :context]).layers for m in (swapped, native, wake)]
     for a, b, c in zip(*slept, strict=True):
         if isinstance(a, FastWeightState):

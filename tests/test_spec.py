@@ -154,3 +154,34 @@ def test_cli_tasks_show() -> None:
     assert "example 1 (steps = 4)" in result.stdout
     bad = run_cli("tasks", "show", "depo", "--set", "nodez=5")
     assert bad.returncode == 2 and "task.nodez" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(("spec", "overrides", "field", "missing"), [
+    # the per-key Hebbian layer cannot feed the gated delta rule one decay per head
+    ("mixed", {"sleep.rule": "gated_delta"}, "sleep.rule", "scalar_decay"),
+    # Mamba-2's keys (B) are not unit vectors and its strength dt is not bounded by 1
+    ("mamba2", {"sleep.rule": "delta"}, "sleep.rule", "unit_keys, write_at_most_one"),
+    ("hebbian", {"model.blocks.hebbian.decay": "per_key",
+                 "model.blocks.hebbian.rule": "gated_delta"},
+     "model.blocks.hebbian.rule", "scalar_decay"),
+])
+def test_a_rule_a_block_cannot_feed_is_refused_when_the_spec_loads(
+        spec: str, overrides: dict, field: str, missing: str) -> None:
+    with pytest.raises(SpecError) as refused:
+        load_spec(ROOT / f"specs/tiny/{spec}.yaml", overrides)
+    assert refused.value.path == field and f"needs {missing}," in str(refused.value)
+
+
+def test_every_rule_loads_where_its_block_feeds_it() -> None:
+    for spec, rules in (("gated_delta", ["gated_delta", "delta", "hebbian"]),
+                        ("hebbian", ["gated_delta", "delta", "hebbian"]),
+                        ("mamba2", ["hebbian"]), ("mixed", ["hebbian"])):
+        for rule in rules:
+            assert load_spec(ROOT / f"specs/tiny/{spec}.yaml", {"sleep.rule": rule})
+
+
+def test_cli_refuses_an_incompatible_sleep_rule_in_one_line() -> None:
+    result = run_cli("build", "specs/tiny/mixed.yaml", "--set", "sleep.rule=gated_delta")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "sleep.rule" in result.stderr and "layer 2, hebbian" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -132,7 +132,7 @@ def _evaluations(space: SearchSpace) -> int:
     the final one."""
     train = space.trial_spec({}, space.name).train
     assert train is not None
-    return -(-space.steps_per_trial() // train.eval_every) + 1
+    return -(-train.steps // train.eval_every) + 1
 
 
 class Reporter(tune.Callback):

@@ -73,15 +73,17 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def bench_inputs(spec: Spec) -> tuple[torch.Tensor, torch.Tensor]:
-    """A context and a prompt to measure on: one evaluation example of the spec's task, or
-    four windows of random tokens when the spec has no task."""
+    """What to sleep on and the prompt to read awake after it: one evaluation example of
+    the spec's task, split where ``sleep.split`` starts reading awake, or four windows of
+    random tokens when the spec has no task."""
     assert spec.sleep is not None
     if spec.task is not None:
         task = spec.task.build()
-        tokens, context_len = task.eval_batch(1, spec.seed).tokens, task.context_len
+        tokens = task.eval_batch(1, spec.seed).tokens
+        awake_from = spec.sleep.awake_from(task.context_len)
     else:
-        context_len = 4 * spec.sleep.window
+        awake_from = 4 * spec.sleep.window
         generator = torch.Generator().manual_seed(spec.seed)
-        tokens = torch.randint(0, spec.model.vocab_size, (1, context_len + 1),
+        tokens = torch.randint(0, spec.model.vocab_size, (1, awake_from + 1),
                                generator=generator)
-    return tokens[:, :context_len], tokens[:, context_len:]
+    return tokens[:, :awake_from], tokens[:, awake_from:]

@@ -1,15 +1,18 @@
 """Sleep: consolidate each evicted window into fast weights with N offline passes.
 
-The paper's Algorithm 1, batched. Fast weights start at zero. The context (tokens
-``[0, context_len)``) is cut into windows of L tokens; for each window::
+The paper's Algorithm 1, batched. Fast weights start at zero. The sequence is cut into
+windows of L tokens; each window that lies wholly inside the context is slept on
+(``sleep.split: sequence``, the paper's rule; ``split: context`` sleeps on every context
+token instead)::
 
     h = embed(window);  h = pre(h)                    layers before sleep.layers, once
     repeat N times:     h, S = loop(h, S)             hidden states and fast weights carry;
                                                       attention re-reads the window each pass
     h = post(h);        evict (hard: clear KV / sliding: keep the newest L-1)
 
-Only the state survives a window. The prediction segment then starts a fresh window and
-is read in one ordinary pass per token ("wake"); when a wake window fills, the model
+Only the state survives a window. The window holding the first prediction token, with
+the context tokens it shares, is then read in one ordinary pass ("wake"); when a wake
+window fills, the model
 sleeps on it the same way before reading on, so memory stays bounded by L. Wake cost
 does not depend on N: the passes happen before the question is read.
 
@@ -35,7 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from archkit.blocks.common import FastWeightState, KVCache, map_state, state_bytes
+from archkit.blocks.common import (
+    FastWeightState,
+    KVCache,
+    map_state,
+    select_state,
+    state_bytes,
+)
 from archkit.blocks.fast_weight import FastWeightBlock
 from archkit.card import require_memory
 from archkit.model import HybridModel, ModelState
@@ -53,9 +62,12 @@ class SleepReport:
 
     Sleeps are numbered in order, context windows first: the next sleep is window
     ``sleeps``, and those from ``context_windows`` on are sleeps while reading awake.
+    ``passes`` holds the batch's mean passes per sleep, ``passes_per_sequence`` each
+    sequence's (they differ only where a controller stops sequences early).
     """
 
-    passes: list[int] = field(default_factory=list)  # one entry per sleep
+    passes: list[float] = field(default_factory=list)  # one entry per sleep
+    passes_per_sequence: list[Tensor] = field(default_factory=list)  # [B] per sleep
     context_windows: int = 0
     kv_peak_tokens: int = 0
     fast_weight_bytes: int = 0
@@ -120,12 +132,13 @@ class SleepingModel(nn.Module):
         total = tokens.shape[1]
         if not 0 <= context_len < total:
             raise ValueError(f"context_len must be in [0, {total}), got {context_len}")
-        wake, pieces = self.init_wake(tokens[:, :context_len]), []
-        for start in range(context_len, total, self.window):
+        awake_from = self.sleep.awake_from(context_len)
+        wake, pieces = self.init_wake(tokens[:, :awake_from]), []
+        for start in range(awake_from, total, self.window):
             window = tokens[:, start:start + self.window]
             logits, wake = self._read_awake(window, wake, partial(self.model, window))
             pieces.append(logits)
-        logits = torch.cat(pieces, dim=1)
+        logits = torch.cat(pieces, dim=1)[:, context_len - awake_from:]
         loss = None
         if loss_mask is not None:
             if loss_mask[:, : context_len + 1].any():
@@ -143,36 +156,52 @@ class SleepingModel(nn.Module):
         1. N = the controller's passes for window ``report.sleeps`` (of
            ``report.context_windows`` context windows).
         2. h = the layers before ``sleep.layers`` over embed(window), once.
-        3. N times (fewer if the controller sees the fast weights converge):
+        3. N times (fewer for a sequence whose fast weights the controller sees converge):
            a. from the second pass on, rewind the looping layers (local context from
               before the first pass, persistent memory from now) and, under
               ``pass_norm: rms``, rescale h to its RMS entering the first pass;
            b. under ``backprop: last_k``, cut the graph before the last k passes;
-           c. h, state = the looping layers over h.
+           c. h, state = the looping layers over h, kept only for the sequences still
+              sleeping; the others keep what they had when they stopped.
         4. The layers after, once; record the sleep; evict the window.
         """
         sleep, model, controller = self.sleep, self.model, self.controller
         max_passes = controller.passes(report.sleeps, report.context_windows, self.training)
         watch = controller.watches_weights(self.training)
         grad = sleep.backprop != "none" and torch.is_grad_enabled()
+        sleeping = torch.ones(window.shape[0], dtype=torch.bool, device=window.device)
+        passes = torch.zeros(window.shape[0], dtype=torch.long, device=window.device)
         with torch.set_grad_enabled(grad), self.asleep():
             h, state = model.run_layers(model.embed(window), state, self.pre)
-            before, passes = state, 0
+            before = state
             entry_rms = _rms(h) if sleep.pass_norm == "rms" else None
-            while passes < max_passes:
-                if passes > 0:
-                    state = model.rewind(before, state, self.loop)
+            for done in range(max_passes):
+                start_h, start_state = h, state
+                if done > 0:
+                    start_state = model.rewind(before, state, self.loop)
                     if entry_rms is not None:
-                        h = h * (entry_rms / _rms(h))
-                if sleep.backprop == "last_k" and passes == max_passes - sleep.last_k > 0:
-                    h, state = h.detach(), [map_state(s, Tensor.detach) for s in state]
-                previous = self._fast_weights(state) if watch else []
-                h, state = self._pass(h, state)
-                passes += 1
-                if watch and controller.converged(previous, self._fast_weights(state), passes):
+                        start_h = h * (entry_rms / _rms(h))
+                if sleep.backprop == "last_k" and done == max_passes - sleep.last_k > 0:
+                    start_h = start_h.detach()
+                    start_state = [map_state(s, Tensor.detach) for s in start_state]
+                new_h, new_state = self._pass(start_h, start_state)
+                passes += sleeping
+                if sleeping.all():
+                    h, state = new_h, new_state
+                else:  # after a pass, so a stopped sequence's state has the new one's shapes
+                    h = torch.where(sleeping[:, None, None], new_h, h)
+                    state = [select_state(sleeping, new, old) if i in self.loop else new
+                             for i, (new, old) in enumerate(zip(new_state, state, strict=True))]
+                if not watch:
+                    continue
+                stop = controller.converged(self._fast_weights(start_state),
+                                            self._fast_weights(new_state), done + 1)
+                sleeping = sleeping & ~stop
+                if not sleeping.any():
                     break
             h, state = model.run_layers(h, state, self.post)
-        report.passes.append(passes)
+        report.passes.append(passes.double().mean().item())
+        report.passes_per_sequence.append(passes.cpu())
         report.track_kv(state)
         report.fast_weight_bytes = fast_weight_bytes(state)
         keep = self.window - 1 if sleep.eviction == "sliding" else 0
@@ -247,14 +276,16 @@ class SleepingModel(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: Tensor, context_len: int, max_new_tokens: int
                  ) -> tuple[Tensor, Tensor, SleepReport]:
-        """Sleep on ``prompt[:, :context_len]``, read the rest awake, then decode greedily.
+        """Sleep on the context as ``forward`` does, read the rest awake, then decode
+        greedily.
 
         Returns the new tokens [B, max_new_tokens], the logits that chose them, and the
         report."""
         if not 0 <= context_len < prompt.shape[1]:
             raise ValueError("the prompt needs at least one token after the context")
-        wake = self.init_wake(prompt[:, :context_len])
-        for t in range(context_len, prompt.shape[1]):
+        awake_from = self.sleep.awake_from(context_len)
+        wake = self.init_wake(prompt[:, :awake_from])
+        for t in range(awake_from, prompt.shape[1]):
             logits, wake = self.wake_step(prompt[:, t], wake)
         new_tokens, new_logits = [], []
         for _ in range(max_new_tokens):

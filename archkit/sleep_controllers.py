@@ -4,11 +4,14 @@
 - ``schedule``: a list of N, by window index from the first context window
   (``order: first``) or from the last one, nearest the question (``order: last``).
   Sleeps during decoding, after the context, count as the nearest (depth 0).
-- ``adaptive``: at inference, passes repeat until every fast-weight state changes by less
-  than ``tol`` (relative Frobenius norm) or ``max_passes`` is reached; training runs
-  N = ``sleep.passes``, or one N drawn per window from ``train_passes``. Beyond the paper:
-  a model trained at N may behave differently at the N it stops at, so compare against
-  fixed N.
+- ``adaptive``: at inference, each sequence repeats passes until every one of its
+  fast-weight states changes by less than ``tol`` (relative Frobenius norm) or
+  ``max_passes`` is reached (default: the most passes it trains at, as sleeping longer
+  than trained hurts); a sequence that stopped keeps its state while the rest of the
+  batch sleeps on, so its answer does not depend on its batch-mates. Training runs
+  N = ``sleep.passes``, or one N drawn per window from ``train_passes``. Beyond the
+  paper: a model trained at N may behave differently at the N it stops at, so compare
+  against fixed N.
 
 A controller sees only pass counts and fast-weight tensors, never the model.
 """
@@ -33,8 +36,8 @@ class ControllerConfig(BaseModel):
 
 class SleepController:
     """``passes`` caps the passes of a sleep; a controller whose ``watches_weights`` is true
-    is shown the fast weights around every pass and may stop early (``converged``). The
-    runtime takes those snapshots only for such a controller."""
+    is shown the fast weights around every pass and may stop a sequence early
+    (``converged``). The runtime takes those snapshots only for such a controller."""
 
     def __init__(self, sleep: SleepSpec) -> None:
         self.config = sleep.controller_config
@@ -49,8 +52,9 @@ class SleepController:
         """Whether ``converged`` is to be asked after every pass."""
         return False
 
-    def converged(self, before: list[Tensor], after: list[Tensor], passes: int) -> bool:
-        """Stop after ``passes`` passes? ``before`` and ``after``: the fast weights of the
+    def converged(self, before: list[Tensor], after: list[Tensor], passes: int) -> Tensor:
+        """Which sequences stop after ``passes`` passes: a bool tensor [B] (or one that
+        broadcasts to it). ``before`` and ``after``: the fast weights [B, ...] of the
         looping layers around the last pass."""
         raise NotImplementedError
 
@@ -80,13 +84,14 @@ class Schedule(SleepController):
 class AdaptiveConfig(ControllerConfig):
     tol: Annotated[float, Field(gt=0)] = Field(1e-3, description="relative change to stop at")
     min_passes: Passes = 1
-    max_passes: Passes = 8
+    max_passes: Passes | None = Field(
+        None, description="most passes at inference (default: the most it trains at)")
     train_passes: list[Passes] | None = Field(
         None, description="N while training, drawn per window (default: sleep.passes)")
 
     @model_validator(mode="after")
     def _ordered(self) -> AdaptiveConfig:
-        if self.min_passes > self.max_passes:
+        if self.max_passes is not None and self.min_passes > self.max_passes:
             raise ValueError("min_passes must not exceed max_passes")
         return self
 
@@ -97,9 +102,9 @@ class Adaptive(SleepController):
     config: AdaptiveConfig
 
     def passes(self, index: int, n_windows: int, training: bool) -> int:
-        if not training:
-            return self.config.max_passes
         choices = self.config.train_passes
+        if not training:
+            return self.config.max_passes or max(choices or [self.n])
         if choices is None:
             return self.n
         return choices[int(torch.randint(len(choices), ()).item())]
@@ -107,19 +112,19 @@ class Adaptive(SleepController):
     def watches_weights(self, training: bool) -> bool:
         return not training  # training runs a fixed or drawn N
 
-    def converged(self, before: list[Tensor], after: list[Tensor], passes: int) -> bool:
+    def converged(self, before: list[Tensor], after: list[Tensor], passes: int) -> Tensor:
         if passes < self.config.min_passes or not after:
-            return False
-        change = max(relative_change(b, a) for b, a in zip(before, after, strict=True))
-        return change < self.config.tol
+            return torch.tensor(False)
+        changes = [relative_change(b, a) for b, a in zip(before, after, strict=True)]
+        return torch.stack(changes).amax(0) < self.config.tol
 
 
-def relative_change(before: Tensor, after: Tensor) -> float:
-    """Largest per-sequence ``|after - before| / |before|`` (Frobenius, over all heads)."""
+def relative_change(before: Tensor, after: Tensor) -> Tensor:
+    """Per sequence, ``|after - before| / |before|`` (Frobenius, over all heads): [B]."""
     before, after = before.detach(), after.detach()
     diff = (after - before).flatten(1).norm(dim=1)
     base = before.flatten(1).norm(dim=1)
-    return float((diff / base.clamp_min(torch.finfo(base.dtype).tiny)).max())
+    return diff / base.clamp_min(torch.finfo(base.dtype).tiny)
 
 
 def make_controller(sleep: SleepSpec) -> SleepController:

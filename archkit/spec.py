@@ -88,6 +88,10 @@ class SleepSpec(StrictModel):
     window: PositiveInt = Field(description="L: tokens per window before eviction")
     passes: PositiveInt = Field(1, description="N: passes per window (the controller may vary it)")
     eviction: Literal["hard", "sliding"] = "hard"
+    split: Literal["sequence", "context"] = Field(
+        "sequence", description="sequence: windows of L over the whole sequence, the one "
+                                "holding the first prediction token read awake (the paper); "
+                                "context: every context token slept on")
     layers: Literal["all"] | tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] = (
         Field("all", description="layers that loop while asleep: all, or [first, last]")
     )
@@ -111,6 +115,17 @@ class SleepSpec(StrictModel):
     def controller_config(self) -> BaseModel:
         assert self._controller is not None
         return self._controller
+
+    def awake_from(self, context_len: int) -> int:
+        """Where reading awake starts: tokens before it are slept on and evicted.
+
+        ``sequence`` cuts the whole sequence into windows of L and sleeps on the windows
+        that lie wholly inside the context, so the window that holds the first prediction
+        token is read in one ordinary pass with the context tokens it shares; ``context``
+        sleeps on every context token. The two agree when L divides ``context_len``."""
+        if self.split == "context":
+            return context_len
+        return context_len - context_len % self.window
 
     def loop_range(self, n_layers: int) -> range:
         return range(n_layers) if self.layers == "all" else range(self.layers[0],

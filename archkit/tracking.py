@@ -123,7 +123,7 @@ class TrainLogger:
         self._record({"step": step, "kind": section, **metrics})
 
     def step(self, step: int, loss: float, grad_norm: float, lrs: dict[str, float],
-             tokens_per_s: float, passes: list[int], stage: int | None = None) -> None:
+             tokens_per_s: float, passes: list[float], stage: int | None = None) -> None:
         self.progress.update(self.bar, completed=step, loss=f"{loss:.4f}",
                              tps=f"{tokens_per_s:,.0f}")
         if step % self.log_every:

@@ -2,8 +2,8 @@
 
 A block maps a window of hidden states and a state to outputs and the next state
 (``Block``); its state is a ``KVCache`` (attention), a ``FastWeightState`` (fast-weight
-blocks, see ``fast_weight.py``) or ``None``. ``map_state`` and ``state_bytes`` work on any
-of them; ``RMSNorm`` is the plain norm of the model and of attention.
+blocks, see ``fast_weight.py``) or ``None``. ``map_state``, ``select_state`` and
+``state_bytes`` work on any of them; ``RMSNorm`` is the plain norm of the model and of attention.
 """
 
 from __future__ import annotations
@@ -66,6 +66,23 @@ def map_state(state: Any, fn: Callable[[Tensor], Tensor]) -> Any:
         if isinstance(value := getattr(state, f.name), Tensor)
     }
     return dataclasses.replace(state, **changes)
+
+
+def select_state(take_new: Tensor, new: Any, old: Any) -> Any:
+    """Per sequence, the tensors of block state ``new`` where ``take_new`` [B] is true and
+    those of ``old`` (the same block, same shapes) elsewhere."""
+    if new is None:
+        return None
+
+    def pick(a: Tensor, b: Tensor) -> Tensor:
+        return torch.where(take_new.view(-1, *[1] * (a.dim() - 1)), a, b)
+
+    changes = {
+        f.name: pick(value, getattr(old, f.name))
+        for f in dataclasses.fields(new)
+        if isinstance(value := getattr(new, f.name), Tensor)
+    }
+    return dataclasses.replace(new, **changes)
 
 
 def state_bytes(state: Any) -> int:

@@ -45,23 +45,56 @@ def masked_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, 
     return torch.nn.functional.cross_entropy(logits[:, :-1][m], tokens[:, context + 1:][m])
 
 
-def test_one_pass_hard_eviction_is_the_plain_model_window_by_window() -> None:
-    sleeper = build(passes=1)
+def awake_from(split: str, context: int) -> int:
+    """Where reading awake starts: the first window holding a prediction token (sequence),
+    or the end of the context."""
+    return context if split == "context" else context // L * L
+
+
+@pytest.mark.parametrize("split", ["sequence", "context"])
+def test_one_pass_hard_eviction_is_the_plain_model_window_by_window(split: str) -> None:
+    sleeper = build(passes=1, split=split)
     model, (tokens, mask, context) = sleeper.model, batch()
     out = sleeper(tokens, context, mask)
-    state, pieces = model.init_state(2), []
-    for a, b in windows(0, context):
+    state, pieces, start = model.init_state(2), [], awake_from(split, context)
+    for a, b in windows(0, start):
         _, state = model(tokens[:, a:b], state)
         state = model.evict(state, "hard")
-    for i, (a, b) in enumerate(windows(context, tokens.shape[1])):
+    for i, (a, b) in enumerate(windows(start, tokens.shape[1])):
         if i:
             state = model.evict(state, "hard")
         logits, state = model(tokens[:, a:b], state)
         pieces.append(logits)
-    expected = torch.cat(pieces, dim=1)
+    expected = torch.cat(pieces, dim=1)[:, context - start:]
     torch.testing.assert_close(out.logits, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out.loss, masked_loss(expected, tokens, mask, context))
-    assert out.report.passes == [1] * 5
+    sleeps = len(windows(0, start)) + len(windows(start, tokens.shape[1])) - 1
+    assert out.report.passes == [1] * sleeps and (split, sleeps) in {("sequence", 4),
+                                                                     ("context", 5)}
+
+
+def test_splits_agree_when_the_window_divides_the_context() -> None:
+    tokens, mask, _ = batch()
+    by_sequence, by_context = build(passes=2), build(passes=2, split="context")
+    a, b = by_sequence(tokens, 2 * L, mask), by_context(tokens, 2 * L, mask)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    assert a.report.passes == b.report.passes
+
+
+def test_the_answer_window_attends_to_the_context_it_shares() -> None:
+    """Under ``split: sequence`` the context tokens of the window that holds the first
+    prediction token stay in the KV cache while the answers are read: changing one
+    changes the answers' logits, and it is never slept on."""
+    sleeper = build(passes=2)
+    tokens, mask, context = batch()  # context 12 with L = 5: tokens 10, 11 are read awake
+    out = sleeper(tokens, context, mask)
+    assert out.report.context_windows == 2 and out.report.kv_peak_tokens == L
+    changed = tokens.clone()
+    changed[:, 11] = (changed[:, 11] + 1) % 16
+    after = sleeper(changed, context, mask)
+    assert not torch.allclose(after.logits[:, :L - 2], out.logits[:, :L - 2])
+    evicted = build(passes=2, split="context")
+    assert evicted(tokens, context, mask).report.context_windows == 3
 
 
 def test_one_pass_sliding_eviction_is_sliding_window_attention() -> None:
@@ -76,7 +109,7 @@ def test_one_pass_sliding_eviction_is_sliding_window_attention() -> None:
 
 
 def test_two_passes_equal_two_manual_passes() -> None:
-    sleeper = build(passes=2)
+    sleeper = build(passes=2, split="context")
     model, (tokens, mask, context) = sleeper.model, batch()
     out = sleeper(tokens, context, mask)
 
@@ -195,7 +228,8 @@ def test_adaptive_stops_early_when_fast_weights_converge() -> None:
     # Delta-rule memory re-reading the same window converges to a fixed point (Hebbian
     # memory with decay near 1 would keep growing); with no layer writing to the residual
     # stream, every pass reads the same h.
-    sleeper = build(spec="gated_delta", controller="adaptive", max_passes=40, tol=1e-4).eval()
+    sleeper = build(spec="gated_delta", controller="adaptive", max_passes=40, tol=1e-4,
+                    split="context").eval()
     with torch.no_grad():
         for name, param in sleeper.model.named_parameters():
             if name.endswith(("o_proj.weight", "out_proj.weight", "down.weight")):
@@ -203,16 +237,52 @@ def test_adaptive_stops_early_when_fast_weights_converge() -> None:
     tokens, _, context = batch()
     used = sleeper(tokens, context).report.passes
     assert all(1 < n < 40 for n in used), used
-    strict = build(controller="adaptive", max_passes=6, tol=1e-300).eval()
+    strict = build(controller="adaptive", max_passes=6, tol=1e-300, split="context").eval()
     assert strict(tokens, context).report.passes == [6] * 5
 
 
+def test_adaptive_decides_per_sequence_whatever_the_batch() -> None:
+    """A sequence's passes and logits are the same alone and in a batch; one that stopped
+    keeps its state while the rest sleep on, so it equals a fixed-N model at its count."""
+    def adaptive_or_fixed(**sleep: Any) -> SleepingModel:
+        sleeper = build(spec="gated_delta", **sleep).eval()
+        with torch.no_grad():  # small outputs, so that passes change h a little
+            for name, param in sleeper.model.named_parameters():
+                if name.endswith(("o_proj.weight", "out_proj.weight", "down.weight")):
+                    param.mul_(0.1)
+        return sleeper
+
+    adaptive = adaptive_or_fixed(controller="adaptive", max_passes=8, tol=5e-2)
+    tokens = torch.randint(0, 16, (6, L + 3), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        together = adaptive(tokens, L)  # one context window, then three tokens awake
+        (passes,) = together.report.passes_per_sequence
+        assert len(set(passes.tolist())) > 2 and 8 in passes.tolist(), passes
+        for i, n in enumerate(passes.tolist()):
+            alone = adaptive(tokens[i:i + 1], L)
+            assert alone.report.passes_per_sequence[0].tolist() == [n]
+            torch.testing.assert_close(alone.logits[0], together.logits[i],
+                                       rtol=1e-9, atol=1e-12)
+            fixed = adaptive_or_fixed(passes=n)(tokens[i:i + 1], L)
+            torch.testing.assert_close(fixed.logits[0], together.logits[i],
+                                       rtol=1e-9, atol=1e-12)
+    assert together.report.passes == [passes.double().mean().item()]
+
+
+def test_adaptive_sleeps_at_most_the_passes_it_trained_at_by_default() -> None:
+    tokens, _, context = batch()
+    never = {"controller": "adaptive", "tol": 1e-300, "split": "context"}
+    assert build(passes=3, **never).eval()(tokens, context).report.passes == [3] * 5
+    drawn = build(train_passes=[1, 4], **never).eval()
+    assert drawn(tokens, context).report.passes == [4] * 5
+
+
 def test_adaptive_trains_at_fixed_passes() -> None:
-    sleeper = build(controller="adaptive", max_passes=8, passes=3).train()
+    sleeper = build(controller="adaptive", max_passes=8, passes=3, split="context").train()
     tokens, _, context = batch()
     assert sleeper(tokens, context).report.passes == [3] * 5
     torch.manual_seed(0)
-    drawn = build(controller="adaptive", train_passes=[1, 2]).train()
+    drawn = build(controller="adaptive", train_passes=[1, 2], split="context").train()
     assert set(drawn(tokens, context).report.passes) == {1, 2}
 
 
@@ -232,7 +302,7 @@ def test_only_an_adaptive_controller_at_inference_sees_fast_weight_snapshots() -
     assert watching == {("fixed", True): False, ("fixed", False): False,
                         ("schedule", True): False, ("schedule", False): False,
                         ("adaptive", True): False, ("adaptive", False): True}
-    fixed, snapshots = build(passes=2).eval(), []
+    fixed, snapshots = build(passes=2, split="context").eval(), []
 
     def snapshot(state: list[Any]) -> list[torch.Tensor]:
         snapshots.append(state)
@@ -245,7 +315,7 @@ def test_only_an_adaptive_controller_at_inference_sees_fast_weight_snapshots() -
 
 
 def test_window_index_counts_context_then_decode_sleeps() -> None:
-    sleeper = build(controller="schedule", schedule=[3, 1]).eval()
+    sleeper = build(controller="schedule", schedule=[3, 1], split="context").eval()
     asked: list[tuple[int, int]] = []
     passes = sleeper.controller.passes
 
@@ -280,8 +350,9 @@ def test_sleep_rule_override_equals_a_block_with_that_rule() -> None:
     assert swapped.model.layers[1].mixer.rule == "gated_delta"  # restored after sleeping
 
 
-def test_generate_equals_teacher_forced_logits() -> None:
-    sleeper = build(passes=2).eval()
+@pytest.mark.parametrize(("split", "sleeps"), [("sequence", 2 + 2), ("context", 3 + 2)])
+def test_generate_equals_teacher_forced_logits(split: str, sleeps: int) -> None:
+    sleeper = build(passes=2, split=split).eval()
     tokens, _, context = batch(total=14, context=12)
     new, logits, report = sleeper.generate(tokens, context, max_new_tokens=9)
     full = torch.cat([tokens, new], dim=1)
@@ -289,7 +360,7 @@ def test_generate_equals_teacher_forced_logits() -> None:
         forced = sleeper(full, context).logits
     # the logits that chose token j sit at prompt position 13 + j
     torch.testing.assert_close(logits, forced[:, 1:1 + 9], rtol=1e-9, atol=1e-10)
-    assert report.sleeps == 3 + 2 and report.kv_peak_tokens <= L
+    assert report.sleeps == sleeps and report.kv_peak_tokens <= L
 
 
 def test_bad_sleep_sections(tmp_path: Path) -> None:

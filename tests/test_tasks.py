@@ -5,6 +5,7 @@ evaluating parsed GSM statements, looking up parsed MQAR pairs)."""
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import re
 
 import pytest
@@ -74,17 +75,18 @@ def test_same_seed_same_batch_other_seed_other_batch(name: str) -> None:
 
 # Pinned so that a change of generator or of numpy's streams cannot pass unnoticed.
 GOLDEN = {
-    "depo": "db26d65a11a1b217",
-    "gsm_infinite": "49e826878542798f",
-    "mqar": "d824ac4832b4b046",
-    "rule110": "d8cc00ec5ef5d1fa",
+    ("depo", ()): "1219985ea67a0d17",
+    ("depo", (("hops_per", "example"),)): "db26d65a11a1b217",  # as before k per query
+    ("gsm_infinite", ()): "49e826878542798f",
+    ("mqar", ()): "d824ac4832b4b046",
+    ("rule110", ()): "d8cc00ec5ef5d1fa",
 }
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_batches_are_pinned(name: str) -> None:
-    tokens = get_task(name).sample(4, seed=0).tokens
-    assert hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16] == GOLDEN[name]
+@pytest.mark.parametrize(("name", "config"), list(GOLDEN))
+def test_batches_are_pinned(name: str, config: tuple[tuple[str, str], ...]) -> None:
+    tokens = get_task(name, **dict(config)).sample(4, seed=0).tokens
+    assert hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16] == GOLDEN[name, config]
 
 
 def contents(name: str, batch: TaskBatch) -> set:
@@ -259,14 +261,16 @@ def test_rule110_decoding_is_the_raw_states() -> None:
 # --- depo ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["cpu", "paper"])
-def test_depo_edges_form_one_cycle_and_answers_follow_k_hops(preset: str) -> None:
-    task = get_task("depo", preset=preset)
+@pytest.mark.parametrize(("preset", "hops_per"), [("cpu", "query"), ("paper", "query"),
+                                                  ("cpu", "example")])
+def test_depo_edges_form_one_cycle_and_answers_follow_k_hops(preset: str, hops_per: str
+                                                             ) -> None:
+    task = get_task("depo", preset=preset, hops_per=hops_per)
     for split in ("train", "eval"):
         batch = task.sample(12, seed=5, split=split)
         for i in range(12):
             context, prediction, answers = split_batch(task, batch, i)
-            hops = int(batch.difficulty[i])
+            ks = batch.examples[i].hops
             edges = [context[j : j + 4] for j in range(0, len(context), 4)]
             assert all(arrow == "->" and comma == "," for _, arrow, _, comma in edges)
             successor = {x: y for x, _, y, _ in edges}
@@ -275,17 +279,39 @@ def test_depo_edges_form_one_cycle_and_answers_follow_k_hops(preset: str) -> Non
             while node not in seen:
                 seen.append(node)
                 node = successor[node]
-            assert len(seen) == len(edges) > hops  # one cycle through every node
+            assert len(seen) == len(edges)  # one cycle through every node
 
+            assert len(seen) > max(ks) and ks[0] == int(batch.difficulty[i])
             queries = [prediction[j : j + 4] for j in range(0, len(prediction), 4)]
-            assert len(queries) == task.config.queries
-            for (hop, start, colon, end), answer in zip(queries, answers, strict=True):
-                assert (hop, colon, end) == (f"h{hops}", ":", answer)
+            assert len(queries) == task.config.queries == len(ks)
+            scored = batch.answer_difficulty[i][batch.loss_mask[i]].tolist()
+            for (hop, start, colon, end), answer, k, d in zip(queries, answers, ks, scored,
+                                                              strict=True):
+                assert (hop, colon, end, d) == (f"h{k}", ":", answer, k)
                 node = start
-                for _ in range(hops):
+                for _ in range(k):
                     node = successor[node]
                 assert node == answer
-        assert set(batch.difficulty.tolist()) <= set(task.difficulties[split])
+            assert (len(set(ks)) == 1) == (hops_per == "example" or split == "eval" and
+                                           len(task.difficulties["eval"]) == 1)
+        asked = [k for example in batch.examples for k in example.hops]
+        assert set(asked) <= set(task.difficulties[split])
+        if split == "eval":  # every k asked equally often
+            assert len(set(Counter(asked).values())) == 1
+
+
+def test_depo_scores_each_query_at_its_own_k() -> None:
+    task = get_task("depo", max_hops=4)  # evaluation asks k = 1, 2, 4
+    batch = task.eval_batch(3)
+    predictions = batch.tokens.clone()
+    wrong = batch.loss_mask & (batch.answer_difficulty == 4)
+    predictions[wrong] = task.ids[","]
+    score = task.score(predictions, batch)
+    assert {k: (a.exact, a.per_answer) for k, a in score.by_difficulty.items()} == {
+        1: (1.0, 1.0), 2: (1.0, 1.0), 4: (0.0, 0.0)}
+    assert score.by_difficulty[4].examples == 3  # every example asks k = 4 (once or twice)
+    assert int(wrong.sum()) == 4
+    assert score.overall.exact == 0.0 and score.overall.per_answer == pytest.approx(8 / 12)
 
 
 # --- gsm_infinite --------------------------------------------------------------------

@@ -6,6 +6,9 @@ A task turns a seed into a :class:`TaskBatch`::
     loss_mask   [n, T] bool    True where tokens[:, p] is an answer token
     context_len int            tokens[:, :context_len] is the context to consolidate
     difficulty  [n]    int64   steps, hops, ops or pairs, for scoring by difficulty
+    answer_difficulty [n, T] int64   each answer token's difficulty (-1 elsewhere): its
+                               example's, unless a task scores answers apart (Depo's
+                               queries each have their own k)
     examples    list           one structured record per example
 
 The answer at position p is predicted by the logits at position p - 1. Every prediction
@@ -97,6 +100,7 @@ class TaskBatch:
     context_len: int
     difficulty: torch.Tensor
     examples: list[Any]
+    answer_difficulty: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -105,7 +109,8 @@ class TaskBatch:
 @dataclass(frozen=True)
 class Accuracy:
     examples: int
-    exact: float  # share of examples whose answer tokens are all right
+    exact: float  # share of examples (or, per difficulty, of an example's answers of that
+    # difficulty) whose answer tokens are all right
     per_answer: float  # share of answer tokens that are right
 
 
@@ -211,6 +216,11 @@ class Task(ABC):
         """Tokens ``[n, T]`` int64, loss mask ``[n, T]`` bool and records of n examples, the
         i-th of difficulty ``difficulty[i]``, all with contents that belong to ``split``."""
 
+    def answer_difficulty(self, loss_mask: np.ndarray, difficulty: np.ndarray,
+                          examples: list[Any]) -> np.ndarray:
+        """The difficulty of each answer token, -1 elsewhere: by default its example's."""
+        return np.where(loss_mask, difficulty[:, None], -1)
+
     def sample(
         self, n: int, seed: int | np.random.SeedSequence, split: Split = "train"
     ) -> TaskBatch:
@@ -229,6 +239,8 @@ class Task(ABC):
             context_len=self.context_len,
             difficulty=torch.from_numpy(difficulty),
             examples=examples,
+            answer_difficulty=torch.from_numpy(
+                self.answer_difficulty(loss_mask, difficulty, examples)),
         )
 
     def train_batch(self, step: int, n: int, seed: int = 0) -> TaskBatch:
@@ -247,29 +259,30 @@ class Task(ABC):
 
     def score(self, predictions: torch.Tensor, batch: TaskBatch) -> Score:
         """Exact match per example (every answer token right) and per answer token, overall
-        and per difficulty. ``predictions[:, p]`` is the guess for ``tokens[:, p]`` (see
+        and per difficulty. Per difficulty d, the unit is an example's answers of difficulty
+        d (the whole example where difficulty is per example, one query in Depo).
+        ``predictions[:, p]`` is the guess for ``tokens[:, p]`` (see
         :func:`predictions_from_logits`); only loss-mask positions are scored."""
         if predictions.shape != batch.tokens.shape:
             raise ValueError(
                 f"predictions have shape {tuple(predictions.shape)}, "
                 f"the batch's tokens {tuple(batch.tokens.shape)}"
             )
-        mask = batch.loss_mask
-        hits = ((predictions.to(batch.tokens.device) == batch.tokens) & mask).sum(1)
-        answers = mask.sum(1)
+        right = (predictions.to(batch.tokens.device) == batch.tokens) & batch.loss_mask
 
-        def accuracy(rows: torch.Tensor) -> Accuracy:
+        def accuracy(scored: torch.Tensor) -> Accuracy:
+            rows = scored.any(1)
+            hits, answers = (right & scored).sum(1)[rows], scored.sum(1)[rows]
             return Accuracy(
                 examples=int(rows.sum()),
-                exact=(hits[rows] == answers[rows]).float().mean().item(),
-                per_answer=(hits[rows].sum() / answers[rows].sum()).item(),
+                exact=(hits == answers).float().mean().item(),
+                per_answer=(hits.sum() / answers.sum()).item(),
             )
 
-        by_difficulty = {
-            value: accuracy(batch.difficulty == value)
-            for value in batch.difficulty.unique().tolist()
-        }
-        return Score(accuracy(torch.ones_like(hits, dtype=torch.bool)), by_difficulty)
+        by_answer = batch.answer_difficulty
+        by_difficulty = {value: accuracy(by_answer == value)
+                         for value in by_answer[by_answer >= 0].unique().tolist()}
+        return Score(accuracy(batch.loss_mask), by_difficulty)
 
     def format_context(self, ids: list[int]) -> str:
         """The context for people: padding counted, the rest decoded and wrapped."""

@@ -5,8 +5,8 @@ evaluating parsed GSM statements, looking up parsed MQAR pairs)."""
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 import re
+from collections import Counter
 
 import pytest
 import torch
@@ -292,8 +292,8 @@ def test_depo_edges_form_one_cycle_and_answers_follow_k_hops(preset: str, hops_p
                 for _ in range(k):
                     node = successor[node]
                 assert node == answer
-            assert (len(set(ks)) == 1) == (hops_per == "example" or split == "eval" and
-                                           len(task.difficulties["eval"]) == 1)
+            assert (len(set(ks)) == 1) == (hops_per == "example" or (split == "eval" and
+                                           len(task.difficulties["eval"]) == 1))
         asked = [k for example in batch.examples for k in example.hops]
         assert set(asked) <= set(task.difficulties[split])
         if split == "eval":  # every k asked equally often

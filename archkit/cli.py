@@ -224,7 +224,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     assert run.spec.sleep is not None
     title = (f"{args.run}: {run.spec.sleep.controller} sleep, N={run.spec.sleep.passes}, "
              f"loss {result.loss:.4f}")
-    console.print(score_table(result.score, title))
+    console.print(score_table(result, title))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

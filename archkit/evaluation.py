@@ -10,23 +10,28 @@ from archkit.checkpoint import Run
 from archkit.sleep import SleepingModel
 from archkit.spec import TrainSpec
 from archkit.tasks import Score, Task, TaskBatch
+from archkit.tasks.baseline import Baseline, constant_baseline
 
 
 @dataclass(frozen=True)
 class Evaluation:
     score: Score
     loss: float  # mean cross-entropy over the answer tokens of the evaluation set
+    baseline: Baseline | None = None  # the chance level on the same evaluation set
 
     def metrics(self) -> dict[str, float]:
-        """``exact``, ``per_answer``, their per-difficulty values and ``loss``: what
-        ``final.json``, ``archkit eval --json`` and evaluation records hold."""
-        return {**self.score.metrics(), "loss": self.loss}
+        """``exact``, ``per_answer``, their per-difficulty values, ``loss`` and the chance
+        ``baseline`` overall and per difficulty: what ``final.json``, ``archkit eval
+        --json`` and evaluation records hold."""
+        chance = self.baseline.metrics() if self.baseline is not None else {}
+        return {**self.score.metrics(), "loss": self.loss, **chance}
 
 
 @torch.no_grad()
-def evaluate(sleeper: SleepingModel, task: Task, batch: TaskBatch, batch_size: int
-             ) -> Evaluation:
-    """Exact-match and per-answer accuracy of greedy predictions, and the mean loss."""
+def evaluate(sleeper: SleepingModel, task: Task, batch: TaskBatch, batch_size: int,
+             baseline: Baseline | None = None) -> Evaluation:
+    """Exact-match and per-answer accuracy of greedy predictions and the mean loss, beside
+    ``baseline``, the chance level of ``batch``."""
     was_training = sleeper.training
     sleeper.eval()
     device = next(sleeper.parameters()).device
@@ -40,7 +45,7 @@ def evaluate(sleeper: SleepingModel, task: Task, batch: TaskBatch, batch_size: i
             out.logits[:, :-1].argmax(-1).cpu())
         losses.append(float(out.loss) * len(tokens))
     sleeper.train(was_training)
-    return Evaluation(task.score(predictions, batch), sum(losses) / len(batch))
+    return Evaluation(task.score(predictions, batch), sum(losses) / len(batch), baseline)
 
 
 def evaluate_run(run: Run, seed: int | None = None, eval_size: int | None = None
@@ -48,6 +53,7 @@ def evaluate_run(run: Run, seed: int | None = None, eval_size: int | None = None
     """A loaded run on its own evaluation set (the one it was trained against, unless
     another ``seed`` or ``eval_size`` is given), at the sleep setting of ``run.spec``."""
     train = run.spec.train or TrainSpec()
-    batch = run.task.eval_batch(eval_size or train.eval_size,
-                                run.spec.seed if seed is None else seed)
-    return evaluate(run.model, run.task, batch, train.batch_size)
+    seed = run.spec.seed if seed is None else seed
+    batch = run.task.eval_batch(eval_size or train.eval_size, seed)
+    chance = constant_baseline(run.task, batch, seed, train.baseline_examples)
+    return evaluate(run.model, run.task, batch, train.batch_size, chance)

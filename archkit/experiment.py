@@ -186,7 +186,7 @@ def _run_all(experiment: Experiment, root: Path, runs: Path, train_missing: bool
             row[f"eval_N{n}"] = evaluate_at(root / "runs" / name, n)
         table.setdefault(arm.name, []).append(row)
         summary = {"experiment": experiment.name, "lr": lr,
-                   "arms": summarise(table, experiment)}
+                   "arms": summarise(table, experiment), "baseline": chance_level(table)}
         write_report(root, summary, experiment, runs)
     return summary
 
@@ -231,6 +231,15 @@ def summarise(table: dict[str, list[dict[str, Any]]], experiment: Experiment
     return arms_summary
 
 
+def chance_level(table: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """``baseline`` and ``baseline/<d>`` as [mean, std] over the seeds run (the chance
+    level depends on a seed's evaluation set, not on the arm)."""
+    by_seed = {row["seed"]: row["trained"] for rows in table.values() for row in rows}
+    finals = list(by_seed.values())
+    return {key: _mean_std([f[key] for f in finals]) for key in finals[0]
+            if key.startswith("baseline") and all(key in f for f in finals)}
+
+
 def report_markdown(summary: dict[str, Any], experiment: Experiment, runs: Path) -> str:
     arms_summary = summary["arms"]
     first = next(iter(arms_summary.values()))["trained"]
@@ -238,17 +247,25 @@ def report_markdown(summary: dict[str, Any], experiment: Experiment, runs: Path)
     head = ["arm", "seeds", "exact", *difficulties]
     lines = [f"Experiment `{experiment.name}` (base `{experiment.extends.name}`, "
              f"lr {summary['lr'] if summary['lr'] is not None else 'from the spec'}); "
-             "`exact` (held-out exact match), mean +- std over seeds. "
+             "`exact` (held-out exact match), mean +- std over seeds; the last row is "
+             "the chance level (`baseline`, the best constant answers) on the same sets. "
              f"Runs: `{runs / experiment.name}/runs`.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    def cells(metrics: dict[str, list[float]], prefix: str) -> str:
+        return " | ".join(f"{metrics[k][0]:.3f} +- {metrics[k][1]:.3f}" if k in metrics else "-"
+                          for k in [prefix, *(f"{prefix}/{d.split('/')[1]}"
+                                              for d in difficulties)])
+
     for arm, result in arms_summary.items():
         for where, metrics in result.items():
             if where == "seeds":
                 continue
             label = arm if where == "trained" else f"{arm} at test N={where[6:]}"
-            cells = [f"{metrics[k][0]:.3f} +- {metrics[k][1]:.3f}" if k in metrics else "-"
-                     for k in ["exact", *difficulties]]
-            lines.append(f"| {label} | {len(result['seeds'])} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | {len(result['seeds'])} | {cells(metrics, 'exact')} |")
+    chance = summary.get("baseline", {})
+    if chance:
+        seeds = len({s for r in arms_summary.values() for s in r["seeds"]})
+        lines.append(f"| chance (`baseline`) | {seeds} | {cells(chance, 'baseline')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -264,6 +281,11 @@ def plot_by_difficulty(summary: dict[str, Any]) -> Figure:
         xs = [int(k.split("/")[1]) + dodge for k in keys]
         ax.errorbar(xs, [trained[k][0] for k in keys], yerr=[trained[k][1] for k in keys],
                     marker="o", capsize=3, label=f"{arm} ({len(result['seeds'])} seeds)")
+    chance = summary.get("baseline", {})
+    keys = sorted((k for k in chance if k != "baseline"), key=lambda k: int(k.split("/")[1]))
+    if keys:
+        ax.plot([int(k.split("/")[1]) for k in keys], [chance[k][0] for k in keys],
+                linestyle="--", color="grey", marker="_", label="chance (baseline)")
     ax.set_xlabel("difficulty")
     ax.set_ylabel("exact (held out)")
     ax.set_ylim(-0.02, 1.02)

@@ -198,6 +198,9 @@ class TrainSpec(StrictModel):
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     eval_every: PositiveInt = 200
     eval_size: PositiveInt = 512
+    baseline_examples: Annotated[int, Field(ge=1)] = Field(
+        4096, description="training examples the chance baseline learns its constant "
+                          "answers from (archkit/tasks/baseline.py)")
     target_exact: Annotated[float, Field(gt=0, le=1)] | None = Field(
         None, description="stop early once the evaluation's `exact` reaches this")
     checkpoint_every: PositiveInt = 200

@@ -34,7 +34,7 @@ from archkit.evaluation import Evaluation
 from archkit.metrics import tag
 from archkit.spec import Spec
 from archkit.spec_files import flatten_dotted
-from archkit.tasks import Score
+from archkit.tasks import Accuracy
 
 HPARAMS_SUFFIX = ".hparams"
 SUPERSEDED = "superseded"
@@ -47,16 +47,23 @@ def flatten(tree: dict[str, Any]) -> dict[str, Any]:
             for name, value in flatten_dotted(tree).items() if value not in (None, {})}
 
 
-def score_table(score: Score, title: str, difficulty_name: str = "difficulty") -> Table:
+def score_table(result: Evaluation, title: str, difficulty_name: str = "difficulty"
+                ) -> Table:
+    """Examples, ``exact`` beside its chance ``baseline``, and ``per_answer``, per
+    difficulty and overall."""
     table = Table(title=title, title_justify="left")
-    for column in (difficulty_name, "examples", "exact", "per_answer"):
+    chance = result.baseline.metrics() if result.baseline is not None else {}
+    for column in (difficulty_name, "examples", "exact", "baseline", "per_answer"):
         table.add_column(column, justify="right")
-    for value, acc in sorted(score.by_difficulty.items()):
-        table.add_row(str(value), str(acc.examples), f"{acc.exact:.3f}",
-                      f"{acc.per_answer:.3f}")
-    overall = score.overall
-    table.add_row("all", str(overall.examples), f"{overall.exact:.3f}",
-                  f"{overall.per_answer:.3f}", style="bold")
+
+    def row(label: str, acc: Accuracy, baseline: float | None, **style: str) -> None:
+        table.add_row(label, str(acc.examples), f"{acc.exact:.3f}",
+                      "-" if baseline is None else f"{baseline:.3f}",
+                      f"{acc.per_answer:.3f}", **style)
+
+    for value, acc in sorted(result.score.by_difficulty.items()):
+        row(str(value), acc, chance.get(f"baseline/{value}"))
+    row("all", result.score.overall, chance.get("baseline"), style="bold")
     return table
 
 
@@ -150,8 +157,7 @@ class TrainLogger:
                                                                      "loss")}, step)
             (self.run_dir / FINAL).write_text(json.dumps(metrics, indent=2))
             if self.final_table:
-                self.console.print(score_table(result.score,
-                                               f"{self.spec.name}: final evaluation"))
+                self.console.print(score_table(result, f"{self.spec.name}: final evaluation"))
         self.writer.close()
 
     def _hparams(self, final: dict[str, float], step: int) -> None:

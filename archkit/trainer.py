@@ -58,6 +58,7 @@ from archkit.evaluation import Evaluation, evaluate, evaluate_run
 from archkit.sleep import SleepingModel, SleepOutput
 from archkit.spec import Spec, SpecError, TrainSpec
 from archkit.tasks import Task, TaskBatch
+from archkit.tasks.baseline import constant_baseline
 from archkit.tracking import TrainLogger, supersede_final
 
 COMMANDS = "commands.jsonl"
@@ -348,6 +349,7 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
     record_command(run_dir, state.step)
     stage_ends, stage_tasks = curriculum(spec, task)
     eval_batch = task.eval_batch(train_spec.eval_size, spec.seed)
+    chance = constant_baseline(task, eval_batch, spec.seed, train_spec.baseline_examples)
     logger = TrainLogger(run_dir, spec, train_spec.steps,
                          None if trained is None else state.step, progress,
                          train_spec.log_every, log_hparams, final_table)
@@ -359,7 +361,7 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
         save_checkpoint(run_dir, spec, state.sleeper, state.trainer_state())
 
     def evaluate_now() -> tuple[int, Evaluation]:
-        result = evaluate(state.sleeper, task, eval_batch, train_spec.batch_size)
+        result = evaluate(state.sleeper, task, eval_batch, train_spec.batch_size, chance)
         logger.evaluation(state.step, result)
         if on_eval is not None:
             on_eval(state.step, result)
@@ -399,6 +401,7 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
         except KeyboardInterrupt:
             return interrupted(stop)
     if last_eval is None or last_eval[0] != state.step:
-        last_eval = state.step, evaluate(state.sleeper, task, eval_batch, train_spec.batch_size)
+        last_eval = state.step, evaluate(state.sleeper, task, eval_batch,
+                                         train_spec.batch_size, chance)
     logger.close(last_eval[1], state.step)
     return TrainResult(run_dir, state.losses, last_eval[1])

@@ -64,6 +64,10 @@ def test_the_experiment_command_trains_every_arm_and_reports(tmp_path: Path) -> 
     assert rule["sleep"]["rule"] == "hebbian"
     report = (root / "report.md").read_text()
     assert "| N2 at test N=8 | 2 |" in report and "+-" in report
+    chance = [json.loads((root / f"runs/N1_s{s}/final.json").read_text())["baseline/1"]
+              for s in (0, 1)]
+    assert summary["baseline"]["baseline/1"][0] == pytest.approx(sum(chance) / 2)
+    assert "| chance (`baseline`) | 2 |" in report
     assert (root / "report.png").stat().st_size > 0
     before = {p: p.stat().st_mtime for p in root.glob("runs/*/final.json")}
     again = archkit("experiment", str(path), "--runs", "runs", cwd=tmp_path)

@@ -14,6 +14,7 @@ import torch
 from archkit.registry import TASKS
 from archkit.spec import SpecError
 from archkit.tasks import Task, TaskBatch, get_task, predictions_from_logits, show
+from archkit.tasks.baseline import constant_baseline
 
 NAMES = ["depo", "gsm_infinite", "mqar", "rule110"]
 
@@ -442,3 +443,47 @@ def test_mqar_answers_are_the_values_of_the_queried_keys(preset: str) -> None:
         assert len(set(pairs.values())) == len(pairs)
         assert sorted(prediction[::2]) == sorted(pairs), "every key is asked once"
         assert answers == prediction[1::2] == [pairs[k] for k in prediction[::2]]
+
+
+# --- chance baselines ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "config"), [("rule110", {"steps": [1, 3]}),
+                                              ("depo", {"max_hops": 4}),
+                                              ("gsm_infinite", {"ops": [0, 2]})])
+def test_baseline_is_the_most_frequent_training_answer_scored_like_exact(
+        name: str, config: dict) -> None:
+    """Counted apart from ``constant_baseline``: the guesses placed in the answer positions
+    of the evaluation set score ``baseline/<d>`` under the task's own ``score``."""
+    task = get_task(name, **config)
+    held_out = task.eval_batch(96, seed=2)
+    chance = constant_baseline(task, held_out, seed=2, train_examples=1024)
+    counts: dict[int, Counter] = {}
+    for step in range(2):
+        batch = task.train_batch(step, 512, 2)
+        for i in range(len(batch)):
+            for d in batch.answer_difficulty[i].unique().tolist():
+                if d >= 0:
+                    answer = tuple(batch.tokens[i][batch.answer_difficulty[i] == d].tolist())
+                    counts.setdefault(d, Counter())[answer] += 1
+    predictions = held_out.tokens.clone()
+    for i in range(len(held_out)):
+        for d, counter in counts.items():
+            at = held_out.answer_difficulty[i] == d
+            guess = torch.tensor(counter.most_common(1)[0][0])
+            if at.sum() == len(guess):
+                predictions[i][at] = guess
+            elif at.any():  # a guess of another length cannot be all right
+                predictions[i][at] = -1
+    score = task.score(predictions, held_out)
+    assert chance.by_difficulty == pytest.approx(
+        {d: a.exact for d, a in score.by_difficulty.items()})
+    assert chance.overall == pytest.approx(score.overall.exact)
+
+
+def test_rule110_chance_is_above_one_over_the_answers() -> None:
+    """Cells after a Rule 110 step are 1 more often than 0, so guessing 1 beats 0.25 for
+    two cells: the level the docs once used."""
+    task = get_task("rule110", preset="cpu")
+    chance = constant_baseline(task, task.eval_batch(512, seed=0), seed=0)
+    assert chance.by_difficulty[1] > 0.33 and chance.overall > 0.28

@@ -105,6 +105,7 @@ def test_eval_of_the_checkpoint_equals_the_final_evaluation(tmp_path: Path) -> N
     assert again == result.final
     final = json.loads((tmp_path / "r/final.json").read_text())
     assert final == again.metrics()
+    assert {"baseline", *(f"baseline/{d}" for d in result.final.score.by_difficulty)} <= set(final)
     longer = evaluate_run(load_run(tmp_path / "r", {"sleep.passes": 3}))
     assert longer.score.overall.examples == again.score.overall.examples
 

@@ -54,13 +54,26 @@ def cmd_build(args: argparse.Namespace) -> None:
     import torch
 
     from archkit.card import model_card, require_memory
+    from archkit.cost import cost_plan, wall_clock_hours
     from archkit.model import HybridModel
 
+    if args.plan is not None and args.device_tflops is None:
+        raise SpecError("--device-tflops", "the device's peak TFLOP/s (e.g. its bf16 dense "
+                        "rate) to turn --plan into hours", file="<command line>")
     spec = load_spec(args.spec, parse_overrides(args.set))
     require_memory(spec.model, torch.device("cpu"), training=False)
     model = HybridModel(spec.model)
     window = args.window or (spec.sleep.window if spec.sleep else DEFAULT_WINDOW)
     card = model_card(model, window, spec.sleep)
+    if spec.task is not None and spec.sleep is not None:
+        card["plan"] = cost_plan(model, spec)
+        if args.plan is not None:
+            card["plan"]["plan_hours"] = wall_clock_hours(
+                card["plan"]["train_flops_per_token"], args.plan, args.device_tflops, args.mfu)
+            card["plan"]["settings"] = {"tokens": args.plan, "device_tflops": args.device_tflops,
+                                        "mfu": args.mfu}
+    elif args.plan is not None:
+        raise SpecError("task", "a `task:` and a `sleep:` section for --plan", file=args.spec)
     if args.json:
         print(json.dumps({"name": spec.name, **card}, indent=2))
         return
@@ -95,6 +108,24 @@ def cmd_build(args: argparse.Namespace) -> None:
         f"sleep cost        {sleep['sleep_flops_per_pass'] / 1e6:.2f} MFLOP per looping pass over "
         f"a full window; wake reads each token in one pass whatever N"
     )
+    if "plan" in card:
+        print_plan(card["plan"])
+
+
+def print_plan(plan: dict[str, Any]) -> None:
+    """The cost plan of ``archkit build`` (``archkit/cost.py``)."""
+    console.print(
+        f"training          {plan['train_flops_per_token'] / 1e6:.2f} MFLOP per token "
+        f"(sequences of {plan['tokens_per_sequence']:,} tokens: {plan['slept_tokens']:,} slept "
+        f"on, {plan['awake_tokens']:,} awake; forward, backward and recompute)\n"
+        f"activations       {_bytes(plan['activation_bytes_full'])} per example through "
+        f"every pass, {_bytes(plan['activation_bytes_checkpointed'])} with sleep.checkpoint"
+    )
+    if "plan_hours" in plan:
+        settings = plan["settings"]
+        console.print(
+            f"plan              {settings['tokens']:.3g} tokens at {settings['device_tflops']:g} "
+            f"TFLOP/s x MFU {settings['mfu']:g}: {plan['plan_hours']:,.1f} hours on one device")
 
 
 def cmd_blocks(args: argparse.Namespace) -> None:
@@ -454,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--window", type=_positive_int, default=None,
                        help=f"attention window L for the KV bound and FLOPs (default: the "
                             f"spec's sleep.window, else {DEFAULT_WINDOW})")
+    build.add_argument("--plan", type=float, default=None, metavar="TOKENS",
+                       help="estimate the hours to train on TOKENS tokens (needs a task)")
+    build.add_argument("--device-tflops", type=float, default=None,
+                       help="peak TFLOP/s of one device, for --plan")
+    build.add_argument("--mfu", type=float, default=0.3,
+                       help="model FLOP utilisation assumed by --plan (default 0.3)")
     add_set(build)
     build.set_defaults(handler=cmd_build)
 
@@ -494,7 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("target", type=Path, help="a spec file or a run directory")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--threads", type=_positive_int, default=2)
-    bench.add_argument("--decode", type=_positive_int, default=32, help="decode steps timed")
+    bench.add_argument("--decode", type=_positive_int, default=None,
+                       help="decode steps timed (default: 4 windows and one token, so the "
+                            "figures include 4 boundary stalls)")
     add_set(bench)
     bench.set_defaults(handler=cmd_bench)
 

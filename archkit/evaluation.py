@@ -8,7 +8,7 @@ import torch
 
 from archkit.checkpoint import Run
 from archkit.sleep import SleepingModel
-from archkit.spec import TrainSpec
+from archkit.spec import Spec, TrainSpec
 from archkit.tasks import Score, Task, TaskBatch
 from archkit.tasks.baseline import Baseline, constant_baseline
 
@@ -48,12 +48,18 @@ def evaluate(sleeper: SleepingModel, task: Task, batch: TaskBatch, batch_size: i
     return Evaluation(task.score(predictions, batch), sum(losses) / len(batch), baseline)
 
 
+def eval_seed(spec: Spec) -> int:
+    """The seed of a run's evaluation set: ``train.eval_seed``, else the run's seed."""
+    fixed = spec.train.eval_seed if spec.train is not None else None
+    return spec.seed if fixed is None else fixed
+
+
 def evaluate_run(run: Run, seed: int | None = None, eval_size: int | None = None
                  ) -> Evaluation:
     """A loaded run on its own evaluation set (the one it was trained against, unless
     another ``seed`` or ``eval_size`` is given), at the sleep setting of ``run.spec``."""
     train = run.spec.train or TrainSpec()
-    seed = run.spec.seed if seed is None else seed
-    batch = run.task.eval_batch(eval_size or train.eval_size, seed)
-    chance = constant_baseline(run.task, batch, seed, train.baseline_examples)
+    batch = run.task.eval_batch(eval_size or train.eval_size,
+                                eval_seed(run.spec) if seed is None else seed)
+    chance = constant_baseline(run.task, batch, run.spec.seed, train.baseline_examples)
     return evaluate(run.model, run.task, batch, train.batch_size, chance)

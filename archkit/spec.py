@@ -198,6 +198,9 @@ class TrainSpec(StrictModel):
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     eval_every: PositiveInt = 200
     eval_size: PositiveInt = 512
+    eval_seed: int | None = Field(
+        None, description="seed of the evaluation set (default: the run's seed); fixed, "
+                          "it is one test set for every run, e.g. GSM's 1,600 problems")
     baseline_examples: Annotated[int, Field(ge=1)] = Field(
         4096, description="training examples the chance baseline learns its constant "
                           "answers from (archkit/tasks/baseline.py)")

@@ -54,7 +54,7 @@ from archkit.checkpoint import (
     saved_step,
     spec_changes,
 )
-from archkit.evaluation import Evaluation, evaluate, evaluate_run
+from archkit.evaluation import Evaluation, eval_seed, evaluate, evaluate_run
 from archkit.sleep import SleepingModel, SleepOutput
 from archkit.spec import Spec, SpecError, TrainSpec
 from archkit.tasks import Task, TaskBatch
@@ -62,6 +62,7 @@ from archkit.tasks.baseline import constant_baseline
 from archkit.tracking import TrainLogger, supersede_final
 
 COMMANDS = "commands.jsonl"
+EVAL_SET = "eval_set.json"
 # ``archkit ... --background`` (archkit.cli.detach) names a file here for the detached
 # process to create once a run has started, so that it can say so truthfully.
 STARTED_FILE_ENV = "ARCHKIT_STARTED_FILE"
@@ -233,6 +234,12 @@ def restore(spec: Spec, run_dir: Path, trained: Spec | None, device: torch.devic
     return state
 
 
+def record_eval_set(run_dir: Path, batch: TaskBatch, seed: int) -> None:
+    """``eval_set.json``: which examples the run is scored on (count, seed, fingerprint)."""
+    record = {"examples": len(batch), "seed": seed, "sha256": batch.fingerprint()}
+    (run_dir / EVAL_SET).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def record_command(run_dir: Path, step: int) -> None:
     """Append the command line of this process to the run's ``commands.jsonl``."""
     entry = {"argv": sys.argv, "cwd": os.getcwd(), "from_step": step,
@@ -348,7 +355,8 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
         supersede_final(run_dir, state.step)
     record_command(run_dir, state.step)
     stage_ends, stage_tasks = curriculum(spec, task)
-    eval_batch = task.eval_batch(train_spec.eval_size, spec.seed)
+    eval_batch = task.eval_batch(train_spec.eval_size, eval_seed(spec))
+    record_eval_set(run_dir, eval_batch, eval_seed(spec))
     chance = constant_baseline(task, eval_batch, spec.seed, train_spec.baseline_examples)
     logger = TrainLogger(run_dir, spec, train_spec.steps,
                          None if trained is None else state.step, progress,

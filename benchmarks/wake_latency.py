@@ -1,13 +1,15 @@
 """Wake latency and sleep cost against a full-attention transformer, in one run.
 
 For each sleep length N and total context length C, the sleeping model (the spec's
-layout, window L) consolidates the C context tokens, then decodes tokens awake; we time
-each wake step (median ms per token) and each window's sleep (mean ms over the context's
-windows). The baseline is a transformer of the same width and depth, all attention, that
-keeps its whole cache: it prefills C tokens, then decodes with a cache of C tokens and more.
+layout, window L) consolidates the C context tokens, then decodes awake across four
+wake-window boundaries (4L + 1 tokens); we time each wake step (median, 99th percentile,
+slowest), the boundary stall (the mean step that first sleeps on its full window) and
+each window's sleep (mean ms over the context's windows). The baseline is a transformer
+of the same width and depth, all attention, that keeps its whole cache: it prefills C
+tokens, then decodes the same number of tokens with a cache of C tokens and more.
 
     python benchmarks/wake_latency.py          # the figures in docs/results.md
-    python benchmarks/wake_latency.py --contexts 512 --passes 1 2 --tokens 8
+    python benchmarks/wake_latency.py --contexts 512 --passes 1 2 --tokens 40
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from archkit.bench import measure
+from archkit.bench import default_decode_tokens, measure, percentile
 from archkit.model import HybridModel
 from archkit.sleep import SleepingModel
 from archkit.spec import load_spec
@@ -27,7 +29,7 @@ from archkit.spec import load_spec
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sleeper_run(spec_path: Path, passes: int, window: int, context: int, tokens: int
+def sleeper_run(spec_path: Path, passes: int, window: int, context: int, tokens: int | None
                 ) -> dict[str, float]:
     spec = load_spec(spec_path, {"sleep.passes": passes, "sleep.window": window,
                                  "sleep.controller": "fixed", "sleep.eviction": "hard"})
@@ -52,7 +54,9 @@ def baseline_run(spec_path: Path, context: int, tokens: int, seed: int) -> dict[
         _, state = model.step(ids[:, context + t], state)
         step_ms.append((time.perf_counter() - start) * 1e3)
     kv = sum(layer.mixer.kv_bytes_per_token() for layer in model.layers) * (context + tokens)
-    return {"wake_ms_per_token": statistics.median(step_ms), "kv_peak_bytes": kv}
+    return {"wake_ms_per_token": statistics.median(step_ms),
+            "wake_ms_p99": percentile(step_ms, 99), "wake_ms_max": max(step_ms),
+            "kv_peak_bytes": kv}
 
 
 def main() -> None:
@@ -61,28 +65,32 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--passes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
-    parser.add_argument("--tokens", type=int, default=32, help="decode steps timed")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="decode steps timed (default: 4 windows and one token)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    tokens = args.tokens or default_decode_tokens(args.window)
     print(f"spec {args.spec.name}, window L={args.window}, {args.threads} threads, batch 1; "
-          f"median over {args.tokens} decode steps")
-    print(f"{'model':>12} {'context':>8} {'wake_ms_per_token':>18} {'sleep_ms_per_window':>20} "
-          f"{'kv_peak_bytes':>14}")
+          f"{tokens} decode steps timed")
+    columns = ("wake_ms_per_token", "wake_ms_p99", "wake_ms_max", "wake_stall_ms",
+               "sleep_ms_per_window")
+    print(f"{'model':>12} {'context':>8} " + " ".join(f"{c:>19}" for c in columns)
+          + f" {'kv_peak_bytes':>14}")
+
+    def show(label: str, context: int, row: dict[str, float]) -> None:
+        cells = " ".join(f"{row[c]:>19.2f}" if c in row else f"{'-':>19}" for c in columns)
+        print(f"{label:>12} {context:>8} {cells} {row['kv_peak_bytes'] / 2**20:>12.2f}Mi")
+
     rows = {}
     with torch.inference_mode():
         for context in args.contexts:
-            base = baseline_run(args.spec, context, args.tokens, 0)
-            rows["full", context] = base
-            print(f"{'full attn':>12} {context:>8} {base['wake_ms_per_token']:>18.2f} "
-                  f"{'-':>20} {base['kv_peak_bytes'] / 2**20:>12.2f}Mi")
+            rows["full", context] = baseline_run(args.spec, context, tokens, 0)
+            show("full attn", context, rows["full", context])
             for n in args.passes:
-                row = sleeper_run(args.spec, n, args.window, context, args.tokens)
-                rows[n, context] = row
-                print(f"{'sleep N=' + str(n):>12} {context:>8} {row['wake_ms_per_token']:>18.2f}"
-                      f" {row['sleep_ms_per_window']:>20.1f} "
-                      f"{row['kv_peak_bytes'] / 2**20:>12.2f}Mi")
+                rows[n, context] = sleeper_run(args.spec, n, args.window, context, tokens)
+                show(f"sleep N={n}", context, rows[n, context])
 
     lo, hi = min(args.contexts), max(args.contexts)
     n_lo, n_hi = min(args.passes), max(args.passes)
@@ -97,7 +105,9 @@ def main() -> None:
           f"{wake['full', hi] / wake[n_hi, hi]:.2f}")
     for n in args.passes:
         ratio = rows[n, hi]["sleep_ms_per_window"] / rows[n_lo, hi]["sleep_ms_per_window"]
-        print(f"  sleep cost per window, N={n} / N={n_lo}: {ratio:.2f}")
+        stall = rows[n, hi]["wake_stall_ms"] / rows[n, hi]["wake_ms_per_token"]
+        print(f"  sleep cost per window, N={n} / N={n_lo}: {ratio:.2f}; boundary stall / "
+              f"median wake step at N={n}: {stall:.1f}")
 
 
 if __name__ == "__main__":

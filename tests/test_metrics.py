@@ -132,6 +132,10 @@ def test_eval_bench_and_build_print_only_table_names(tiny_run: Path) -> None:
     assert_vocabulary(built["sleep"], "build --json: sleep")
     for layer in built["layers"]:
         assert_vocabulary(layer, "build --json: layers")
+    planned = cli("build", "specs/rule110_cpu.yaml", "--json", "--plan", "1e9",
+                  "--device-tflops", "10")
+    assert planned.returncode == 0, planned.stderr
+    assert_vocabulary(json.loads(planned.stdout)["plan"], "build --json: plan")
 
 
 SOURCES = [p for folder in ("archkit", "blocks", "kernels", "benchmarks")

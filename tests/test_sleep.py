@@ -381,3 +381,19 @@ def test_bad_sleep_sections(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="required field is missing") as caught:
         load_spec(tmp_path / "s.yaml")
     assert caught.value.path == "sleep.window"
+
+
+def test_bench_decodes_across_window_boundaries_and_reports_the_stall() -> None:
+    """By default the decode crosses four wake-window boundaries; the steps that slept are
+    counted and their mean is the stall, which the slowest step bounds."""
+    from archkit.bench import BOUNDARIES, measure
+
+    sleeper = build(passes=3)
+    tokens = torch.randint(0, 16, (1, 3 * L + 2), generator=torch.Generator().manual_seed(0))
+    figures = measure(sleeper, tokens[:, :3 * L], tokens[:, 3 * L:])
+    assert figures["settings"]["decode_tokens"] == BOUNDARIES * L + 1
+    assert figures["decode_sleeps"] == BOUNDARIES
+    assert figures["sleeps"] == 3 + BOUNDARIES  # the context's windows, then the stalls
+    assert 0 < figures["wake_stall_ms"] <= figures["wake_ms_max"]
+    short = measure(sleeper, tokens[:, :3 * L], tokens[:, 3 * L:], decode_tokens=L - 3)
+    assert short["decode_sleeps"] == 0 and short["wake_stall_ms"] == 0.0

@@ -159,7 +159,8 @@ class Budget(StrictModel):
 
 class BenchSettings(StrictModel):
     repeats: PositiveInt = 3
-    decode: PositiveInt = 32
+    decode: PositiveInt | None = Field(
+        None, description="decode steps timed (default: across 4 wake-window boundaries)")
 
 
 class AshaSettings(StrictModel):

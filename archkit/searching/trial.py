@@ -79,7 +79,7 @@ def slot_key(root: Path) -> str:
     return hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
 
 
-def measure_latency(spec: Spec, threads: int, repeats: int, decode: int
+def measure_latency(spec: Spec, threads: int, repeats: int, decode: int | None
                     ) -> tuple[dict[str, float], list[float]]:
     """The ``archkit.bench`` figures of the spec's model, each the median over ``repeats``
     measurements on ``threads`` threads (``wake_ms_max``: the slowest step of all), with
@@ -92,12 +92,12 @@ def measure_latency(spec: Spec, threads: int, repeats: int, decode: int
     per_repeat = [r["wake_ms_per_token"] for r in runs]
     median = statistics.median(per_repeat)
     figures = {key: statistics.median(r[key] for r in runs)
-               for key in ("wake_ms_per_token", "wake_ms_p99", "answer_ms",
+               for key in ("wake_ms_per_token", "wake_ms_p99", "wake_stall_ms", "answer_ms",
                            "sleep_ms_per_window")}
     spread = (max(per_repeat) - min(per_repeat)) / median if median else 0.0
     same_every_repeat = {key: runs[0][key] for key in (
-        "sleeps", "passes_per_sleep", "kv_peak_tokens", "kv_peak_bytes", "fast_weight_bytes",
-        "params")}
+        "sleeps", "decode_sleeps", "passes_per_sleep", "kv_peak_tokens", "kv_peak_bytes",
+        "fast_weight_bytes", "params")}
     return ({**figures, "wake_ms_max": max(r["wake_ms_max"] for r in runs),
              "wake_repeat_spread": spread, **same_every_repeat, **card_metrics(sleeper, spec)},
             per_repeat)

@@ -105,6 +105,13 @@ class TaskBatch:
     def __len__(self) -> int:
         return len(self.examples)
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the tokens and loss mask: equal for the same examples, whatever the
+        machine, so a run records which test set it was scored on."""
+        digest = hashlib.sha256(self.tokens.numpy().astype("<i8").tobytes())
+        digest.update(self.loss_mask.numpy().tobytes())
+        return digest.hexdigest()
+
 
 @dataclass(frozen=True)
 class Accuracy:

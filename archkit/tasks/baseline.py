@@ -59,8 +59,9 @@ def constant_baseline(task: Task, eval_batch: TaskBatch, seed: int,
     """The best constant answers of ``task``, learned from the first ``train_examples``
     training examples of a run seeded ``seed``, scored on ``eval_batch``."""
     counts: dict[int, Counter[Answer]] = defaultdict(Counter)
-    for step in range(-(-train_examples // BATCH)):
-        for example in answers(task.train_batch(step, BATCH, seed)):
+    batch = min(BATCH, train_examples)
+    for step in range(-(-train_examples // batch)):
+        for example in answers(task.train_batch(step, batch, seed)):
             for difficulty, answer in example:
                 counts[difficulty][answer] += 1
     anywhere = sum(counts.values(), Counter()).most_common(1)[0][0]

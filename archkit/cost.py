@@ -1,0 +1,135 @@
+"""Cost plans: what training and waking a spec's model cost, before launching it.
+
+Counted for one sequence of the spec's task (T tokens, the first ``awake_from`` slept on
+in windows of L, the rest read awake; a wake window that fills is slept on too), with
+N = ``sleep.passes`` and f_i the forward FLOPs per token of layer i (2 per multiply-add of
+its matrices, plus its mixing work at window L)::
+
+    slept token   sum f_i (layers before the loop) + N sum f_i (loop) + sum f_i (after)
+    awake token   sum f_i (all layers) + the head
+    backward      2 x the forward of what gets gradient: everything (backprop full), the
+                  last k passes and what follows (last_k), the awake tokens only (none)
+    recompute     the passes with gradient once more, under sleep.checkpoint
+
+Activation memory per example is measured, not modelled: each layer reads one window
+(at most 64 tokens) alone on the CPU, in the model's dtype, and the bytes it saves for
+backward (``saved_tensors_hooks``, parameters and repeats left out) are scaled by the
+tokens it reads in a sequence, once per pass. With checkpointing a pass keeps only its
+input (h and the looping layers' state) and one pass is recomputed at a time. Attention
+score matrices of long windows are not counted (flash attention keeps none); bf16
+autocast on CUDA keeps roughly half.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from archkit.blocks.common import state_bytes
+from archkit.model import DTYPES, HybridModel
+from archkit.spec import Spec, SpecError
+
+PROBE_TOKENS = 64
+
+
+def layer_flops_per_token(model: HybridModel, window: int) -> list[int]:
+    """Forward FLOPs per token of each layer at window L (as the model card counts)."""
+    return [2 * sum(m.weight.numel() for m in layer.modules()
+                    if isinstance(m, (nn.Linear, nn.Conv1d)))
+            + layer.mixer.mixing_flops_per_token(window) for layer in model.layers]
+
+
+@torch.enable_grad()
+def activation_bytes_per_token(model: HybridModel, window: int) -> list[float]:
+    """Bytes each layer saves for backward per token read, measured on one window of at
+    most :data:`PROBE_TOKENS` tokens from a fresh state."""
+    tokens = min(window, PROBE_TOKENS)
+    dtype = DTYPES[model.spec.dtype]
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    sizes = []
+    for layer in model.layers:
+        saved: dict[int, int] = {}
+
+        def keep(t: Tensor, saved: dict[int, int] = saved) -> Tensor:
+            pointer = t.untyped_storage().data_ptr()
+            if pointer not in weights:
+                saved[pointer] = t.untyped_storage().nbytes()
+            return t
+
+        h = torch.randn(1, tokens, model.spec.d_model, dtype=dtype, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            layer(h, layer.mixer.init_state(1))
+        sizes.append(sum(saved.values()) / tokens)
+    return sizes
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How one sequence of the task is read: tokens slept on and read awake."""
+
+    tokens: int
+    slept: int
+    awake: int
+
+    @classmethod
+    def of(cls, spec: Spec) -> Reading:
+        assert spec.task is not None and spec.sleep is not None
+        task, sleep = spec.task.build(), spec.sleep
+        awake_from = sleep.awake_from(task.context_len)
+        awake = task.seq_len - awake_from
+        wake_sleeps = max(0, math.ceil(awake / sleep.window) - 1)
+        return cls(task.seq_len, awake_from + wake_sleeps * sleep.window, awake)
+
+
+def cost_plan(model: HybridModel, spec: Spec) -> dict[str, Any]:
+    """``train_flops_per_token`` and the activation memory per example with full backprop
+    through the passes and with checkpointing, for the spec's task (see the module
+    docstring). A wake token costs the card's ``flops_per_token``."""
+    if spec.task is None or spec.sleep is None:
+        raise SpecError("task", "a `task:` and a `sleep:` section to plan training")
+    sleep, reading = spec.sleep, Reading.of(spec)
+    n, loop = sleep.passes, sleep.loop_range(len(model.layers))
+    flops = layer_flops_per_token(model, sleep.window)
+    saved = activation_bytes_per_token(model, sleep.window)
+    head = 2 * model.head.weight.numel()
+
+    def split(per_layer: list[float]) -> tuple[float, float]:
+        looping = sum(per_layer[i] for i in loop)
+        return sum(per_layer) - looping, looping
+
+    once, looping = split(flops)
+    slept_token, awake_token = once + n * looping, once + looping + head
+    forward = reading.slept * slept_token + reading.awake * awake_token
+    graded_passes = {"full": n, "last_k": min(n, sleep.last_k), "none": 0}[sleep.backprop]
+    graded_slept = (once + graded_passes * looping) if graded_passes else 0
+    backward = 2 * (reading.slept * graded_slept + reading.awake * awake_token)
+    recompute = reading.slept * graded_passes * looping if sleep.checkpoint else 0
+
+    saved_once, saved_loop = split(saved)
+    logits = reading.awake * model.head.weight.shape[0] * DTYPES[model.spec.dtype].itemsize
+    awake_bytes = reading.awake * (saved_once + saved_loop) + logits
+    full = reading.slept * (saved_once + graded_passes * saved_loop) + awake_bytes
+    pass_input = (model.spec.d_model * DTYPES[model.spec.dtype].itemsize
+                  + sum(state_bytes(model.layers[i].mixer.init_state(1)) / sleep.window
+                        for i in loop))
+    checkpointed = (reading.slept * (saved_once + graded_passes * pass_input)
+                    + min(sleep.window, reading.slept) * saved_loop + awake_bytes)
+    return {
+        "tokens_per_sequence": reading.tokens,
+        "slept_tokens": reading.slept,
+        "awake_tokens": reading.awake,
+        "train_flops_per_token": (forward + backward + recompute) / reading.tokens,
+        "activation_bytes_full": full,
+        "activation_bytes_checkpointed": checkpointed if graded_passes else full,
+    }
+
+
+def wall_clock_hours(train_flops_per_token: float, tokens: float, device_tflops: float,
+                     mfu: float) -> float:
+    """Hours to train on ``tokens`` tokens on one device of ``device_tflops`` peak TFLOP/s
+    used at model FLOP utilisation ``mfu``."""
+    return train_flops_per_token * tokens / (device_tflops * 1e12 * mfu) / 3600

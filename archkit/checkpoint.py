@@ -33,8 +33,8 @@ from safetensors.torch import load_model, save_model
 
 from archkit.card import parameter_shapes, require_memory
 from archkit.sleep import SleepingModel
-from archkit.spec import Spec, SpecError, load_spec, with_overrides
-from archkit.spec_files import changed_fields
+from archkit.spec import Spec, SpecError, parse_spec, with_overrides
+from archkit.spec_files import apply_dotted, changed_fields, load_yaml_tree
 from archkit.tasks import Task
 
 CHECKPOINT = "checkpoint"
@@ -83,7 +83,20 @@ def load_run_spec(run_dir: Path, overrides: Mapping[str, Any] | None = None) -> 
     path = run_dir / CHECKPOINT / "spec.yaml"
     if not path.exists():
         raise SpecError("", f"no checkpoint in it (expected {path})", file=run_dir)
-    return load_spec(path, overrides)
+    return parse_spec(apply_dotted(as_trained(load_yaml_tree(path)), overrides or {}), path)
+
+
+def as_trained(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved spec with the fields added since it was written set as the run trained.
+
+    A checkpoint's spec names every field, so a missing one predates it and its new
+    default must not change the run: ``sleep.split`` was ``context`` (every context token
+    slept on) and a Depo task's queries shared one k (``hops_per: example``)."""
+    if isinstance(sleep := saved.get("sleep"), dict):
+        sleep.setdefault("split", "context")
+    if isinstance(task := saved.get("task"), dict) and task.get("name") == "depo":
+        task.setdefault("hops_per", "example")
+    return saved
 
 
 def spec_changes(old: Spec, new: Spec) -> dict[str, tuple[Any, Any]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from archkit.card import parameter_floor
@@ -218,3 +219,20 @@ def test_resume_may_change_where_a_run_computes_but_nothing_else(tmp_path: Path)
     with pytest.raises(SpecError, match=r"sleep\.passes 1 -> 2"):
         train(tiny_spec(**{"train.threads": 1, "sleep.passes": 2}), tmp_path / "r",
               resume=True, progress=False)
+
+
+def test_a_run_saved_before_a_field_existed_keeps_training_as_it_did(tmp_path: Path) -> None:
+    """Checkpoints written before ``sleep.split`` and Depo's ``hops_per`` existed load with
+    the values those runs trained at, not the new defaults."""
+    depo = load_spec(ROOT / "specs/depo_cpu.yaml", {
+        "train.steps": 2, "train.batch_size": 4, "train.eval_size": 8, "train.eval_every": 2,
+        "train.checkpoint_every": 2, "train.warmup_steps": 1, "train.baseline_examples": 8})
+    train(depo, tmp_path / "old", progress=False, final_table=False)
+    saved = tmp_path / "old/checkpoint/spec.yaml"
+    tree = yaml.safe_load(saved.read_text())
+    del tree["sleep"]["split"], tree["task"]["hops_per"]
+    saved.write_text(yaml.safe_dump(tree, sort_keys=False))
+    run = load_run(tmp_path / "old")
+    assert (run.spec.sleep.split, run.spec.task.config.hops_per) == ("context", "example")
+    fresh = load_spec(ROOT / "specs/rule110_cpu.yaml")
+    assert fresh.sleep is not None and fresh.sleep.split == "sequence"

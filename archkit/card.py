@@ -20,6 +20,14 @@ from archkit.spec import ModelSpec, SleepSpec
 TRAINING_COPIES = 4
 
 
+def layer_flops_per_token(model: HybridModel, window: int) -> list[int]:
+    """Forward FLOPs per token of each layer at window L: 2 per multiply-add of its
+    matrices plus its mixer's own work."""
+    return [2 * sum(m.weight.numel() for m in layer.modules()
+                    if isinstance(m, (nn.Linear, nn.Conv1d)))
+            + layer.mixer.mixing_flops_per_token(window) for layer in model.layers]
+
+
 def model_card(model: HybridModel, window: int, sleep: SleepSpec | None = None
                ) -> dict[str, Any]:
     """Everything ``archkit build`` reports, as plain JSON-ready values; numbers under
@@ -53,11 +61,8 @@ def model_card(model: HybridModel, window: int, sleep: SleepSpec | None = None
     sleep_card = None
     if sleep is not None:
         loop = sleep.loop_range(len(layers))
-        per_token = [
-            2 * sum(m.weight.numel() for m in model.layers[i].modules()
-                    if isinstance(m, (nn.Linear, nn.Conv1d)))
-            + layers[i]["mixing_flops_per_token"] for i in loop
-        ]
+        per_layer = layer_flops_per_token(model, sleep.window)
+        per_token = [per_layer[i] for i in loop]
         sleep_card = {
             "controller": sleep.controller,
             "options": sleep.controller_config.model_dump(),

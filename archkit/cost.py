@@ -27,20 +27,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from archkit.blocks.common import state_bytes
+from archkit.card import layer_flops_per_token
 from archkit.model import DTYPES, HybridModel
 from archkit.spec import Spec, SpecError
 
 PROBE_TOKENS = 64
-
-
-def layer_flops_per_token(model: HybridModel, window: int) -> list[int]:
-    """Forward FLOPs per token of each layer at window L (as the model card counts)."""
-    return [2 * sum(m.weight.numel() for m in layer.modules()
-                    if isinstance(m, (nn.Linear, nn.Conv1d)))
-            + layer.mixer.mixing_flops_per_token(window) for layer in model.layers]
 
 
 @torch.enable_grad()

@@ -54,12 +54,19 @@ def eval_seed(spec: Spec) -> int:
     return spec.seed if fixed is None else fixed
 
 
+def held_out(spec: Spec, task: Task, seed: int | None = None, size: int | None = None
+             ) -> tuple[TaskBatch, Baseline]:
+    """A run's evaluation set (``train.eval_size`` examples from :func:`eval_seed`, unless
+    ``size`` or ``seed`` say otherwise) and its chance level."""
+    train = spec.train or TrainSpec()
+    batch = task.eval_batch(size or train.eval_size, eval_seed(spec) if seed is None else seed)
+    return batch, constant_baseline(task, batch, spec.seed, train.baseline_examples)
+
+
 def evaluate_run(run: Run, seed: int | None = None, eval_size: int | None = None
                  ) -> Evaluation:
     """A loaded run on its own evaluation set (the one it was trained against, unless
     another ``seed`` or ``eval_size`` is given), at the sleep setting of ``run.spec``."""
-    train = run.spec.train or TrainSpec()
-    batch = run.task.eval_batch(eval_size or train.eval_size,
-                                eval_seed(run.spec) if seed is None else seed)
-    chance = constant_baseline(run.task, batch, run.spec.seed, train.baseline_examples)
-    return evaluate(run.model, run.task, batch, train.batch_size, chance)
+    batch, chance = held_out(run.spec, run.task, seed, eval_size)
+    return evaluate(run.model, run.task, batch, (run.spec.train or TrainSpec()).batch_size,
+                    chance)

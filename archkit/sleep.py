@@ -185,22 +185,23 @@ class SleepingModel(nn.Module):
                     start_h = start_h.detach()
                     start_state = [map_state(s, Tensor.detach) for s in start_state]
                 new_h, new_state = self._pass(start_h, start_state)
+                if not watch:  # every sequence runs every pass: no per-sequence bookkeeping
+                    h, state = new_h, new_state
+                    continue
                 passes += sleeping
-                if not watch or sleeping.all():  # no device sync unless a controller watches
+                if sleeping.all():
                     h, state = new_h, new_state
                 else:  # after a pass, so a stopped sequence's state has the new one's shapes
                     h = torch.where(sleeping[:, None, None], new_h, h)
                     state = [select_state(sleeping, new, old) if i in self.loop else new
                              for i, (new, old) in enumerate(zip(new_state, state, strict=True))]
-                if not watch:
-                    continue
                 stop = controller.converged(self._fast_weights(start_state),
                                             self._fast_weights(new_state), done + 1)
                 sleeping = sleeping & ~stop
                 if not sleeping.any():
                     break
             h, state = model.run_layers(h, state, self.post)
-        if not watch:  # every sequence ran every pass: count without a device sync
+        if not watch:  # counted on the CPU: no device sync
             passes = torch.full((window.shape[0],), done + 1)
         report.passes.append(passes.double().mean().item())
         report.passes_per_sequence.append(passes.cpu())

@@ -52,7 +52,7 @@ def score_table(result: Evaluation, title: str, difficulty_name: str = "difficul
     """Examples, ``exact`` beside its chance ``baseline``, and ``per_answer``, per
     difficulty and overall."""
     table = Table(title=title, title_justify="left")
-    chance = result.baseline.metrics() if result.baseline is not None else {}
+    chance = result.baseline
     for column in (difficulty_name, "examples", "exact", "baseline", "per_answer"):
         table.add_column(column, justify="right")
 
@@ -62,8 +62,8 @@ def score_table(result: Evaluation, title: str, difficulty_name: str = "difficul
                       f"{acc.per_answer:.3f}", **style)
 
     for value, acc in sorted(result.score.by_difficulty.items()):
-        row(str(value), acc, chance.get(f"baseline/{value}"))
-    row("all", result.score.overall, chance.get("baseline"), style="bold")
+        row(str(value), acc, chance.by_difficulty.get(value) if chance else None)
+    row("all", result.score.overall, chance.overall if chance else None, style="bold")
     return table
 
 

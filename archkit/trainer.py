@@ -54,11 +54,10 @@ from archkit.checkpoint import (
     saved_step,
     spec_changes,
 )
-from archkit.evaluation import Evaluation, eval_seed, evaluate, evaluate_run
+from archkit.evaluation import Evaluation, eval_seed, evaluate, evaluate_run, held_out
 from archkit.sleep import SleepingModel, SleepOutput
 from archkit.spec import Spec, SpecError, TrainSpec
 from archkit.tasks import Task, TaskBatch
-from archkit.tasks.baseline import constant_baseline
 from archkit.tracking import TrainLogger, supersede_final
 
 COMMANDS = "commands.jsonl"
@@ -355,9 +354,8 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
         supersede_final(run_dir, state.step)
     record_command(run_dir, state.step)
     stage_ends, stage_tasks = curriculum(spec, task)
-    eval_batch = task.eval_batch(train_spec.eval_size, eval_seed(spec))
+    eval_batch, chance = held_out(spec, task)
     record_eval_set(run_dir, eval_batch, eval_seed(spec))
-    chance = constant_baseline(task, eval_batch, spec.seed, train_spec.baseline_examples)
     logger = TrainLogger(run_dir, spec, train_spec.steps,
                          None if trained is None else state.step, progress,
                          train_spec.log_every, log_hparams, final_table)

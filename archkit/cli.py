@@ -449,6 +449,20 @@ def _bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -485,11 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--window", type=_positive_int, default=None,
                        help=f"attention window L for the KV bound and FLOPs (default: the "
                             f"spec's sleep.window, else {DEFAULT_WINDOW})")
-    build.add_argument("--plan", type=float, default=None, metavar="TOKENS",
+    build.add_argument("--plan", type=_positive_float, default=None, metavar="TOKENS",
                        help="estimate the hours to train on TOKENS tokens (needs a task)")
-    build.add_argument("--device-tflops", type=float, default=None,
+    build.add_argument("--device-tflops", type=_positive_float, default=None,
                        help="peak TFLOP/s of one device, for --plan")
-    build.add_argument("--mfu", type=float, default=0.3,
+    build.add_argument("--mfu", type=_fraction, default=0.3,
                        help="model FLOP utilisation assumed by --plan (default 0.3)")
     add_set(build)
     build.set_defaults(handler=cmd_build)

@@ -124,3 +124,14 @@ def test_planned_activation_memory_matches_what_autograd_keeps(passes: int) -> N
         sleeper(batch.tokens, batch.context_len, batch.loss_mask)
     assert 0.85 < plan["activation_bytes_full"] / sum(saved.values()) < 1.15
     assert plan["activation_bytes_checkpointed"] < plan["activation_bytes_full"]
+
+
+@pytest.mark.parametrize("flags", [["--plan", "1e9"], ["--plan", "1e9", "--device-tflops", "0"],
+                                   ["--plan", "1e9", "--device-tflops", "9", "--mfu", "0"],
+                                   ["--plan", "-5", "--device-tflops", "9"]])
+def test_a_bad_plan_is_one_line_and_exit_2(flags: list[str],
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["build", str(ROOT / "specs/rule110_cpu.yaml"), *flags])
+    assert exited.value.code == 2
+    assert "error:" in capsys.readouterr().err

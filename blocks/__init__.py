@@ -1,10 +1,10 @@
 """The block library: one file per block, registered by name on import.
 
 ``common`` holds the block contract and state types; ``fast_weight`` the body shared by
-the fast-weight blocks (``gated_delta``, ``hebbian``, ``mamba2``).
+the fast-weight blocks (``gated_delta``, ``hebbian``, ``jet``, ``mamba2``).
 """
 
-from archkit.blocks import attention, fast_weight, gated_delta, hebbian, mamba2, mlp
+from archkit.blocks import attention, fast_weight, gated_delta, hebbian, jet, mamba2, mlp
 from archkit.blocks.common import Block, FastWeightState, KVCache, map_state, state_bytes
 from archkit.blocks.fast_weight import FastWeightBlock
 
@@ -17,6 +17,7 @@ __all__ = [
     "fast_weight",
     "gated_delta",
     "hebbian",
+    "jet",
     "mamba2",
     "map_state",
     "mlp",

@@ -1,4 +1,4 @@
-"""The fast-weight body shared by ``gated_delta``, ``hebbian`` and ``mamba2``.
+"""The fast-weight body shared by ``gated_delta``, ``hebbian``, ``mamba2`` and ``jet``.
 
 Per head, fast weights S (K x V) persist across windows. A block projects x, passes the
 projection through a short causal convolution, and forms q_t, k_t (K), v_t (V), a log
@@ -81,14 +81,17 @@ class FastWeightBlock(Block):
 
     ``rule`` names the registered local update rule; it is a plain attribute so another
     rule can be swapped in with the same projections (e.g. while asleep).
+    ``conv_channels=None`` leaves ``self.conv`` to the subclass (e.g. ``jet``'s dynamic
+    conv); whatever it sets must give the tail through ``initial_tail(batch_size, like)``.
     """
 
-    def __init__(self, n_heads: int, key_dim: int, value_dim: int, conv_channels: int,
+    def __init__(self, n_heads: int, key_dim: int, value_dim: int, conv_channels: int | None,
                  config: FastWeightConfig, scalar_decay: bool = True) -> None:
         super().__init__()
         self.n_heads, self.key_dim, self.value_dim = n_heads, key_dim, value_dim
         self.rule, self.impl = config.rule, config.impl
-        self.conv = ShortConv(conv_channels, config.conv_size)
+        if conv_channels is not None:
+            self.conv = ShortConv(conv_channels, config.conv_size)
         if not scalar_decay:
             return
         self.A_log = nn.Parameter(torch.log(torch.empty(n_heads).uniform_(1, 16)))
@@ -179,6 +182,12 @@ class ShortConv(nn.Module):
 
     def initial_tail(self, batch_size: int, like: Tensor) -> Tensor:
         return like.new_zeros(batch_size, self.width - 1, self.conv.in_channels)
+
+    def identity_(self) -> None:
+        """The newest input passes through, nothing older (a retrofit's start)."""
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[..., -1] = 1.0
 
     def forward(self, x: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
         padded = torch.cat([tail, x], dim=1)

@@ -124,7 +124,7 @@ def parameter_floor(spec: ModelSpec) -> tuple[int, int]:
     SwiGLU MLP and the final norm, not the mixers, whose size only their block knows."""
     d = spec.d_model
     vocabulary = spec.vocab_size * d * (1 if spec.tie_embeddings else 2)
-    hidden = max(1, round(spec.mlp_ratio * d))
+    hidden = spec.hidden_width
     mlp = d + 3 * d * hidden  # its norm, gate_up [2 * hidden, d] and down [d, hidden]
     layers = sum(d + (mlp if layer.mlp else 0) for layer in spec.resolved_layers)
     return vocabulary, layers + d

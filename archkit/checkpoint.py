@@ -197,7 +197,7 @@ def load_run(run_dir: str | Path, overrides: Mapping[str, Any] | None = None) ->
         raise SpecError("task", "a run's spec has a `task:` section", file=run_dir)
     require_memory(spec.model, torch.device("cpu"), training=False)
     require_same_shapes(run_dir, trained, spec)
-    model = SleepingModel.from_spec(spec)
+    model = SleepingModel.from_spec(spec, pretrained=False)
     load_weights(model, run_dir)
     final_path = run_dir / FINAL
     final = json.loads(final_path.read_text()) if final_path.exists() else None

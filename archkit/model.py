@@ -38,8 +38,7 @@ class HybridLayer(nn.Module):
         self.mixer_norm = RMSNorm(spec.d_model, spec.norm_eps)
         self.mixer: Block = BLOCKS.get(layer.block).obj(spec.d_model, layer.config, spec.norm_eps)
         self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps) if layer.mlp else None
-        hidden = max(1, round(spec.mlp_ratio * spec.d_model))
-        self.mlp = SwiGLU(spec.d_model, hidden) if layer.mlp else None
+        self.mlp = SwiGLU(spec.d_model, spec.hidden_width) if layer.mlp else None
 
     def forward(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
         return self._residual(self.mixer, x, state)

@@ -48,6 +48,7 @@ from archkit.blocks.common import (
 from archkit.blocks.fast_weight import FastWeightBlock
 from archkit.card import require_memory
 from archkit.model import HybridModel, ModelState
+from archkit.pretrained.weights import load_pretrained
 from archkit.sleep_controllers import SleepController, make_controller
 from archkit.spec import SleepSpec, Spec, SpecError
 
@@ -109,14 +110,19 @@ class SleepingModel(nn.Module):
         self.post = range(self.loop.stop, len(model.layers))
 
     @classmethod
-    def from_spec(cls, spec: Spec) -> SleepingModel:
-        """The spec's model, initialised from ``spec.seed``, sleeping as ``spec.sleep`` says;
-        a model whose weights could not fit in memory is refused before allocating."""
+    def from_spec(cls, spec: Spec, pretrained: bool = True) -> SleepingModel:
+        """The spec's model, initialised from ``spec.seed`` (and, with ``pretrained``, from
+        the checkpoint ``model.pretrained`` names, retrofit edits applied), sleeping as
+        ``spec.sleep`` says; a model whose weights could not fit in memory is refused
+        before allocating. Pass ``pretrained=False`` when a run's own weights follow."""
         if spec.sleep is None:
             raise SpecError("sleep", "a `sleep:` section is needed to build a sleeping model")
         require_memory(spec.model, torch.device("cpu"), training=False)
         torch.manual_seed(spec.seed)
-        return cls(HybridModel(spec.model), spec.sleep)
+        model = HybridModel(spec.model)
+        if pretrained and spec.model.pretrained is not None:
+            load_pretrained(model, spec.model)
+        return cls(model, spec.sleep)
 
     @property
     def window(self) -> int:

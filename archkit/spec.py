@@ -14,16 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from archkit.errors import SpecError
+from archkit.pretrained.retrofit import PretrainedSpec, plan_layers
+from archkit.pretrained.source import PretrainedError, locate, read_shape
 from archkit.registry import BLOCKS, RULES, SLEEP_CONTROLLERS, TASKS, Registry, RegistryError
 from archkit.spec_files import apply_dotted, load_yaml_tree
 
 if TYPE_CHECKING:  # for annotations only: tasks sit above the spec in the data flow
     from archkit.tasks import Task
 
-__all__ = ["ModelSpec", "SleepSpec", "Spec", "SpecError", "TaskSpec", "TrainSpec",
+__all__ = ["FreezeSpec", "ModelSpec", "SleepSpec", "Spec", "SpecError", "TaskSpec", "TrainSpec",
            "load_spec", "parse_spec"]
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -51,6 +53,9 @@ class LayerSpec:
 
 
 class ModelSpec(StrictModel):
+    pretrained: PretrainedSpec | None = Field(
+        None, description="start from a pretrained Llama-family checkpoint (fills the fields "
+                          "it fixes) and apply retrofit edits (archkit/pretrained/)")
     vocab_size: PositiveInt
     d_model: PositiveInt
     n_heads: PositiveInt = Field(4, description="default head count for every block")
@@ -61,13 +66,27 @@ class ModelSpec(StrictModel):
         default_factory=dict, description="config per block type, shared by its layers"
     )
     mlp_ratio: Annotated[float, Field(gt=0)] = 4.0
+    mlp_hidden: PositiveInt | None = Field(
+        None, description="SwiGLU hidden width (default: round(mlp_ratio * d_model))")
     norm_eps: Annotated[float, Field(gt=0)] = 1e-5
     tie_embeddings: bool = True
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     _layers: list[LayerSpec] = PrivateAttr(default_factory=list)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_pretrained(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("pretrained") is not None:
+            return _pretrained_fields(data)
+        return data
+
     def model_post_init(self, _context: Any) -> None:
         self._layers = _resolve_layers(self)
+
+    @property
+    def hidden_width(self) -> int:
+        """The SwiGLU hidden width of every layer's MLP."""
+        return self.mlp_hidden or max(1, round(self.mlp_ratio * self.d_model))
 
     @property
     def resolved_layers(self) -> list[LayerSpec]:
@@ -181,6 +200,16 @@ class CurriculumStage(StrictModel):
     task: dict[str, Any] = Field(description="task settings for these steps, over `task:`")
 
 
+class FreezeSpec(StrictModel):
+    """Parameter groups that keep their initial values (no gradient, no optimiser)."""
+
+    embeddings: bool = Field(False, description="the token embedding and the head")
+    layers: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, description="every parameter of these layers (model numbering)")
+    pretrained: bool = Field(False, description="every weight loaded from model.pretrained "
+                                                "(not inserted layers or replaced mixers)")
+
+
 class TrainSpec(StrictModel):
     """Optimisation and evaluation of one training run (``archkit train``)."""
 
@@ -212,6 +241,7 @@ class TrainSpec(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     curriculum: list[CurriculumStage] = Field(
         default_factory=list, description="stages trained in order before the task itself")
+    freeze: FreezeSpec = Field(default_factory=FreezeSpec)
 
     def model_post_init(self, _context: Any) -> None:
         staged = sum(stage.steps for stage in self.curriculum)
@@ -243,6 +273,17 @@ class Spec(StrictModel):
                             list(self.sleep.layers))
         if self.sleep is not None and self.sleep.rule != "same":
             self._check_sleep_rule(self.sleep.rule)
+        if self.train is not None:
+            self._check_freeze(self.train.freeze, n_layers)
+
+    def _check_freeze(self, freeze: FreezeSpec, n_layers: int) -> None:
+        for k, index in enumerate(freeze.layers):
+            if index >= n_layers:
+                raise SpecError(f"train.freeze.layers[{k}]",
+                                f"a layer index within 0..{n_layers - 1}", index)
+        if freeze.pretrained and self.model.pretrained is None:
+            raise SpecError("train.freeze.pretrained", "a model.pretrained section to freeze "
+                            "the weights of", True)
 
     def _check_sleep_rule(self, rule: str) -> None:
         """Every fast-weight block takes the sleep rule while asleep: each must feed it."""
@@ -285,6 +326,50 @@ class Spec(StrictModel):
                                 f"stage {i} ({staged.vocab_size} tokens)", self.model.vocab_size)
             tasks.append(section)
         return tasks
+
+
+def _pretrained_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """``model:`` with the fields a pretrained checkpoint fixes filled in; a field the user
+    also gave must agree with the checkpoint (a saved spec names them all)."""
+    try:
+        pretrained = PretrainedSpec.model_validate(data["pretrained"])
+    except ValidationError as err:
+        raise from_validation_error(err, PretrainedSpec, "model.pretrained") from None
+    try:
+        shape = read_shape(locate(pretrained.path, pretrained.package))
+    except PretrainedError as err:
+        where = "path" if pretrained.path is not None else "package"
+        raise SpecError(f"model.pretrained.{where}", f"a checkpoint archkit can load ({err})",
+                        getattr(pretrained, where)) from None
+    fixed = shape.model_fields()
+    attention = fixed.pop("attention")
+    fixed["layers"] = [p.entry for p in plan_layers(pretrained, shape)]
+    if data.get("pattern") is not None:
+        raise SpecError("model.pattern", "no pattern with model.pretrained: the layers are the "
+                        "checkpoint's, changed by model.pretrained.insert/replace",
+                        data["pattern"])
+
+    def entry(item: Any) -> Any:
+        return LayerEntry(block=item) if isinstance(item, str) else LayerEntry.model_validate(
+            item)
+
+    def same(key: str, given: Any, wanted: Any) -> bool:
+        if key == "layers" and isinstance(given, list):
+            return [entry(x) for x in given] == [entry(x) for x in wanted]
+        return bool(given == wanted)
+
+    for key, wanted in fixed.items():
+        if key in data and not same(key, data[key], wanted):
+            raise SpecError(f"model.{key}", f"the checkpoint's value {wanted!r} (or leave it "
+                            "out: model.pretrained fixes it)", data[key])
+    blocks = {name: dict(config) for name, config in (data.get("blocks") or {}).items()}
+    for key, wanted in attention.items():
+        given = blocks.get("attention", {}).get(key, wanted)
+        if given != wanted:
+            raise SpecError(f"model.blocks.attention.{key}", f"the checkpoint's value "
+                            f"{wanted!r} (or leave it out)", given)
+    blocks["attention"] = {**blocks.get("attention", {}), **attention}
+    return {**data, **fixed, "blocks": blocks}
 
 
 def _entry(where: str, item: str | LayerEntry) -> tuple[str, LayerEntry]:

@@ -32,7 +32,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,6 +55,8 @@ from archkit.checkpoint import (
     spec_changes,
 )
 from archkit.evaluation import Evaluation, eval_seed, evaluate, evaluate_run, held_out
+from archkit.model import HybridModel
+from archkit.pretrained.weights import pretrained_parameters
 from archkit.sleep import SleepingModel, SleepOutput
 from archkit.spec import Spec, SpecError, TrainSpec
 from archkit.tasks import Task, TaskBatch
@@ -124,16 +126,38 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 
 def make_optimizers(model: nn.Module, train: TrainSpec) -> dict[str, torch.optim.Optimizer]:
-    """The optimisers by name (the name is the ``lr/<optimizer>`` metric's)."""
+    """The optimisers by name (the name is the ``lr/<optimizer>`` metric's), over the
+    parameters that are not frozen; one with nothing to train is left out."""
+    def trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+        return [p for p in params if p.requires_grad]
+
     if train.optimizer == "adamw":
-        return {"adamw": torch.optim.AdamW(model.parameters(), lr=train.lr,
+        return {"adamw": torch.optim.AdamW(trainable(model.parameters()), lr=train.lr,
                                            weight_decay=train.weight_decay)}
-    hidden, others = split_parameters(model)
-    return {
-        "muon": torch.optim.Muon(hidden, lr=train.lr, weight_decay=train.weight_decay,
-                                 adjust_lr_fn="match_rms_adamw"),
-        "adamw": torch.optim.AdamW(others, lr=train.adamw_lr, weight_decay=train.weight_decay),
-    }
+    hidden, others = (trainable(group) for group in split_parameters(model))
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    if hidden:
+        optimizers["muon"] = torch.optim.Muon(hidden, lr=train.lr, adjust_lr_fn="match_rms_adamw",
+                                              weight_decay=train.weight_decay)
+    if others:
+        optimizers["adamw"] = torch.optim.AdamW(others, lr=train.adamw_lr,
+                                                weight_decay=train.weight_decay)
+    return optimizers
+
+
+def freeze_parameters(model: HybridModel, spec: Spec) -> None:
+    """No gradient for the parameter groups ``train.freeze`` names."""
+    assert spec.train is not None
+    freeze = spec.train.freeze
+    frozen: set[str] = set()
+    if freeze.embeddings:
+        frozen |= {"embedding.weight", "head.weight"}
+    if freeze.pretrained:
+        frozen |= pretrained_parameters(model, spec.model)
+    prefixes = tuple(f"layers.{i}." for i in freeze.layers)
+    for name, parameter in model.named_parameters():
+        if name in frozen or (prefixes and name.startswith(prefixes)):
+            parameter.requires_grad_(False)
 
 
 def lr_factor(step: int, train: TrainSpec, schedule_steps: int) -> float:
@@ -216,7 +240,8 @@ def restore(spec: Spec, run_dir: Path, trained: Spec | None, device: torch.devic
         assert trained is not None and trained.train is not None
         # checkpoints written before schedule_steps was kept were never extended
         schedule_steps = int(saved.get("schedule_steps", trained.train.steps))
-    sleeper = SleepingModel.from_spec(spec).to(device).train()
+    sleeper = SleepingModel.from_spec(spec, pretrained=saved is None).to(device).train()
+    freeze_parameters(sleeper.model, spec)
     optimizers = make_optimizers(sleeper, train)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(
         o, lambda s: lr_factor(s, train, schedule_steps)) for o in optimizers.values()]

@@ -6,7 +6,10 @@ tokens j <= i:
 
     o_i = softmax(q_i K^T / sqrt(D)) V,   q_i = RoPE(W_q x_i, p + i),  k_j = RoPE(W_k x_j, .)
 
-RoPE makes scores depend only on relative position, so clearing or trimming the cache
+RoPE rotates channel pairs (i, i + D/2) by p * f_i with f_i = theta^(-2i/D); a pretrained
+model's ``rope_scaling`` rescales the frequencies (``linear``: f_i / factor; ``llama3``:
+low frequencies / factor, high ones kept, a linear blend between). RoPE makes scores
+depend only on relative position, so clearing or trimming the cache
 and continuing the position counter gives the same result as restarting at zero.
 The state is the KV of the tokens still visible: ``evict("hard")`` clears it,
 ``evict("sliding", keep)`` keeps the newest ``keep`` tokens and from then on limits every
@@ -16,7 +19,8 @@ after a sliding eviction compute exactly sliding-window attention of span ``keep
 
 from __future__ import annotations
 
-from typing import Annotated
+import math
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +29,16 @@ from torch import Tensor, nn
 
 from archkit.blocks.common import Block, BlockConfig, EvictionPolicy, KVCache
 from archkit.registry import register_block
+
+
+class RopeScaling(BlockConfig):
+    """RoPE frequency scaling of a long-context pretrained model (names as in Llama's)."""
+
+    type: Literal["linear", "llama3"]
+    factor: Annotated[float, Field(gt=0)]
+    low_freq_factor: Annotated[float, Field(gt=0)] = 1.0
+    high_freq_factor: Annotated[float, Field(gt=0)] = 4.0
+    original_max_position: Annotated[int, Field(gt=0)] = 8192
 
 
 class AttentionConfig(BlockConfig):
@@ -36,6 +50,7 @@ class AttentionConfig(BlockConfig):
         None, description="default: d_model // n_heads"
     )
     rope_theta: Annotated[float, Field(gt=0)] = 10000.0
+    rope_scaling: RopeScaling | None = None
 
     def check(self, d_model: int) -> tuple[str, str] | None:
         if self.head_dim is None and d_model % self.n_heads:
@@ -45,6 +60,25 @@ class AttentionConfig(BlockConfig):
         if (self.head_dim or d_model // self.n_heads) % 2:
             return "head_dim", "must be even for RoPE"
         return None
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> Tensor:
+    """f_i = theta^(-2i/D), i < D/2, in float64, rescaled as ``scaling`` says."""
+    freq = theta ** -(torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is None:
+        return freq
+    if scaling.type == "linear":
+        return freq / scaling.factor
+    # llama3: wavelengths longer than the original context / low_freq_factor are slowed by
+    # `factor`, those shorter than context / high_freq_factor kept, and a blend between.
+    wavelength = 2 * math.pi / freq
+    context = scaling.original_max_position
+    blend = (context / wavelength - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - blend) * freq / scaling.factor + blend * freq
+    scaled = torch.where(wavelength > context / scaling.low_freq_factor, freq / scaling.factor,
+                         blended)
+    return torch.where(wavelength < context / scaling.high_freq_factor, freq, scaled)
 
 
 def rotate(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
@@ -66,8 +100,8 @@ class Attention(Block):
         self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=False)
         self.kv_proj = nn.Linear(d_model, 2 * self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
-        self.register_buffer("inv_freq", config.rope_theta**-exponents, persistent=False)
+        inv_freq = rope_frequencies(self.head_dim, config.rope_theta, config.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def init_state(self, batch_size: int) -> KVCache:
         empty = self._param().new_zeros(batch_size, self.n_kv_heads, 0, self.head_dim)

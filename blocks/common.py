@@ -122,6 +122,13 @@ class Block(nn.Module):
         """
         return after
 
+    def output_projection(self) -> nn.Linear | None:
+        """The linear map that writes the block's output (None: it has none). Zeroing it
+        makes the block add nothing to the residual stream, which is how a new layer is
+        inserted into a pretrained model without changing its function."""
+        projection = getattr(self, "o_proj", None)
+        return projection if isinstance(projection, nn.Linear) else None
+
     def kv_bytes_per_token(self) -> int:
         """Bytes of cache each token seen adds to the state (0 for fixed-size states)."""
         return 0

@@ -55,6 +55,9 @@ class Mamba2(FastWeightBlock):
         self.out_norm = GatedRMSNorm(p, norm_eps)
         self.out_proj = nn.Linear(h * p, d_model, bias=False)
 
+    def output_projection(self) -> nn.Linear:
+        return self.out_proj
+
     def forward(self, u: Tensor, state: FastWeightState) -> tuple[Tensor, FastWeightState]:
         batch, length, _ = u.shape
         heads = (batch, length, self.n_heads, -1)

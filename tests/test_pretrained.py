@@ -1,0 +1,262 @@
+"""Pretrained Llama weights: parity with transformers (Hugging Face directory and GGUF),
+retrofit edits that keep the function at step 0, replaced attention, freezing, spec errors.
+
+Every checkpoint is a tiny random Llama built and saved by transformers in a temp dir; the
+GGUF is written from it with the gguf package, q/k rows permuted as llama.cpp's converter
+does. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from archkit.pretrained.weights import permute_rope_rows, pretrained_parameters
+from archkit.sleep import SleepingModel
+from archkit.spec import Spec, SpecError, parse_spec
+from archkit.trainer import train
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+VOCAB = 97
+SHAPES: dict[str, dict[str, Any]] = {
+    "gqa_tied_llama3": {
+        "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+        "rope_theta": 5e4, "rope_scaling": {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    },
+    "mha_untied": {"num_attention_heads": 4, "num_key_value_heads": 4,
+                   "tie_word_embeddings": False},
+    "gqa_tied": {"num_attention_heads": 4, "num_key_value_heads": 1,
+                 "tie_word_embeddings": True, "rope_theta": 1e5},
+}
+
+
+def save_llama(directory: Path, shape: str, layers: int = 3) -> Any:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+        rms_norm_eps=1e-6, max_position_embeddings=256, **SHAPES[shape])
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
+    root = tmp_path_factory.mktemp("llamas")
+    return {shape: (root / shape, save_llama(root / shape, shape)) for shape in SHAPES}
+
+
+def write_gguf(path: Path, hf: Any) -> None:
+    """The llama.cpp layout of ``hf``'s weights: GGUF names, q/k rows permuted."""
+    config = hf.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm",
+             "lm_head": "output", "input_layernorm": "attn_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, tensor in hf.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        stem = name.removesuffix(".weight")
+        if stem.startswith("model.layers."):
+            _, _, index, part = stem.split(".", 3)
+            gguf_name = f"blk.{index}.{names[part]}.weight"
+        else:
+            part, gguf_name = stem, f"{names[stem]}.weight"
+        if part == "self_attn.q_proj":
+            tensor = permute_rope_rows(tensor, config.num_attention_heads)
+        elif part == "self_attn.k_proj":
+            tensor = permute_rope_rows(tensor, config.num_key_value_heads)
+        writer.add_tensor(gguf_name, tensor.numpy().astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def retrofit_spec(source: Path, **model: Any) -> Spec:
+    return parse_spec({"name": "retrofit", "model": {"pretrained": {"path": str(source)},
+                                                     **model},
+                       "sleep": {"window": 64}})
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def tokens(batch: int = 3, length: int = 40, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("shape", ["gqa_tied_llama3", "mha_untied"])
+def test_logits_equal_transformers_from_a_hugging_face_directory(
+        llamas: dict[str, tuple[Path, Any]], shape: str) -> None:
+    directory, hf = llamas[shape]
+    sleeper = SleepingModel.from_spec(retrofit_spec(directory)).eval()
+    batch = tokens()
+    with torch.no_grad():
+        expected = hf(batch).logits
+        ours, _ = sleeper.model(batch)
+        # through the sleep runtime: a window longer than the sequence reads it all awake
+        slept = sleeper(batch, context_len=16).logits
+    assert relative_error(ours, expected) < 1e-5
+    assert relative_error(slept, expected[:, 16:]) < 1e-5
+
+
+def test_logits_equal_transformers_from_gguf(llamas: dict[str, tuple[Path, Any]],
+                                             tmp_path: Path) -> None:
+    directory, hf = llamas["gqa_tied"]
+    write_gguf(tmp_path / "tiny.gguf", hf)
+    spec = retrofit_spec(tmp_path / "tiny.gguf")
+    assert spec.model.blocks["attention"]["n_kv_heads"] == 1 and spec.model.tie_embeddings
+    sleeper = SleepingModel.from_spec(spec).eval()
+    batch = tokens()
+    with torch.no_grad():
+        assert relative_error(sleeper.model(batch)[0], hf(batch).logits) < 1e-5
+
+
+def test_greedy_generation_matches_transformers(llamas: dict[str, tuple[Path, Any]]) -> None:
+    directory, hf = llamas["gqa_tied_llama3"]
+    sleeper = SleepingModel.from_spec(retrofit_spec(directory)).eval()
+    for seed in range(3):
+        prompt = tokens(1, 12, seed)
+        ours, _, _ = sleeper.generate(prompt, context_len=4, max_new_tokens=10)
+        theirs = hf.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert ours.tolist() == theirs[:, 12:].tolist()
+
+
+INSERTS = [
+    {"after": 0, "block": "gated_delta", "mlp": True},
+    {"before": 2, "block": "hebbian"},
+    {"after": 2, "block": "mamba2", "mlp": True},
+    {"after": 2, "block": "jet"},
+]
+
+
+def test_inserted_layers_leave_the_function_unchanged_at_step_0(
+        llamas: dict[str, tuple[Path, Any]]) -> None:
+    directory, hf = llamas["gqa_tied_llama3"]
+    spec = retrofit_spec(directory, **{"pretrained": {"path": str(directory),
+                                                     "insert": INSERTS}})
+    assert [layer.block for layer in spec.model.resolved_layers] == [
+        "attention", "gated_delta", "attention", "hebbian", "attention", "mamba2", "jet"]
+    sleeper = SleepingModel.from_spec(spec).eval()
+    batch = tokens()
+    with torch.no_grad():
+        assert torch.allclose(sleeper.model(batch)[0], hf(batch).logits, rtol=1e-5, atol=1e-6)
+    # the new layers learn: their zeroed output projections get gradient
+    sleeper.train()
+    answers = torch.zeros(3, 40, dtype=torch.bool)
+    answers[:, 20:] = True
+    out = sleeper(batch, context_len=16, loss_mask=answers)
+    assert out.loss is not None
+    out.loss.backward()
+    assert sleeper.model.layers[1].mixer.o_proj.weight.grad.abs().sum() > 0
+
+
+def test_looping_middle_layers_of_a_pretrained_model_sleeps(
+        llamas: dict[str, tuple[Path, Any]]) -> None:
+    directory, _ = llamas["gqa_tied_llama3"]
+    raw = {"name": "loop", "model": {"pretrained": {"path": str(directory), "insert": INSERTS}},
+           "sleep": {"window": 8, "passes": 3, "layers": [1, 3]}}
+    sleeper = SleepingModel.from_spec(parse_spec(raw)).eval()
+    with torch.no_grad():
+        out = sleeper(tokens(), context_len=32)
+    assert out.report.passes == [3, 3, 3, 3] and torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("block", ["gated_delta", "jet"])
+def test_replaced_attention_starts_from_its_projections(
+        llamas: dict[str, tuple[Path, Any]], block: str) -> None:
+    directory, hf = llamas["gqa_tied_llama3"]
+    spec = retrofit_spec(directory, **{"pretrained": {
+        "path": str(directory), "replace": [{"layer": 1, "block": block}]}})
+    sleeper = SleepingModel.from_spec(spec)
+    layer = sleeper.model.layers[1]
+    attention = hf.model.layers[1].self_attn
+    q, k, v = layer.mixer.qkv_proj.weight.detach().split([64, 64, 64])
+    assert torch.equal(q, attention.q_proj.weight)
+    # two query heads share each KV head: the block's heads 0, 1 take KV head 0
+    assert torch.equal(k[:32], attention.k_proj.weight[:16].repeat(2, 1))
+    assert torch.equal(v[32:], attention.v_proj.weight[16:].repeat(2, 1))
+    assert torch.equal(layer.mixer.o_proj.weight, attention.o_proj.weight)
+    assert torch.equal(layer.mlp.down.weight, hf.model.layers[1].mlp.down_proj.weight)
+    # its convolution starts as the identity: a value passes through unmixed
+    x = torch.randn(1, 5, 64)
+    with torch.no_grad():
+        v = layer.mixer.qkv_proj(x)[..., 128:]
+        if block == "jet":
+            mixed, _ = layer.mixer.conv(x, v, layer.mixer.init_state(1).conv_tail)
+        else:
+            mixed = layer.mixer.conv(layer.mixer.qkv_proj(x), layer.mixer.init_state(1)
+                                     .conv_tail)[0][..., 128:]
+    assert torch.allclose(mixed.flatten(2), torch.nn.functional.silu(v), atol=1e-6)
+
+
+def test_frozen_pretrained_weights_do_not_move(llamas: dict[str, tuple[Path, Any]],
+                                               tmp_path: Path) -> None:
+    directory, _ = llamas["mha_untied"]
+    raw = {
+        "name": "frozen", "seed": 0,
+        "model": {"pretrained": {"path": str(directory), "insert": INSERTS[:1]}},
+        "sleep": {"window": 12, "passes": 2},
+        "task": {"name": "rule110", "width": 6, "states": 2},
+        "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "eval_every": 2,
+                  "eval_size": 8, "log_every": 1, "optimizer": "adamw", "lr": 1e-2,
+                  "baseline_examples": 8, "freeze": {"pretrained": True}},
+    }
+    spec = parse_spec(raw)
+    before = SleepingModel.from_spec(spec).model
+    train(spec, tmp_path / "run", progress=False)
+    from archkit.checkpoint import load_run
+
+    after = load_run(tmp_path / "run").model.model
+    frozen = pretrained_parameters(before, spec.model)
+    weights = dict(after.named_parameters())
+    for name, value in before.named_parameters():
+        moved = not torch.equal(value, weights[name])
+        assert moved == (name not in frozen), name
+    assert "layers.1.mixer.o_proj.weight" not in frozen
+
+
+def test_spec_errors_name_the_field(llamas: dict[str, tuple[Path, Any]], tmp_path: Path
+                                    ) -> None:
+    directory, _ = llamas["gqa_tied"]
+
+    def problem(model: dict[str, Any]) -> str:
+        with pytest.raises(SpecError) as err:
+            parse_spec({"name": "bad", "model": model})
+        return err.value.path
+
+    source = {"path": str(directory)}
+    assert problem({"pretrained": source, "d_model": 32}) == "model.d_model"
+    assert problem({"pretrained": {"path": str(tmp_path / "nothing")}}) == "model.pretrained.path"
+    assert problem({"pretrained": {"package": "no-such-archkit-package"}}) == \
+        "model.pretrained.package"
+    assert problem({"pretrained": {**source, "insert": [{"after": 3, "block": "jet"}]}}) == \
+        "model.pretrained.insert[0].after"
+    assert problem({"pretrained": {**source, "insert": [{"block": "hebbian"}]}}) == \
+        "model.pretrained.insert[0]"
+    assert problem({"pretrained": {**source, "pattern": "A"}}) == "model.pretrained.pattern"
+    # a saved spec names every field the checkpoint fixed, and loads again
+    spec = parse_spec({"name": "ok", "model": {"pretrained": {**source, "insert": INSERTS}}})
+    again = parse_spec(spec.model_dump(mode="json"))
+    assert again.model.resolved_layers == spec.model.resolved_layers

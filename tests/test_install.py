@@ -26,6 +26,7 @@ def test_wheel_installs_the_mapped_packages(tmp_path: Path) -> None:
     )
     probe = (
         "import archkit, archkit.blocks, archkit.kernels, archkit.tasks, archkit.searching\n"
+        "import archkit.pretrained.weights\n"
         "from archkit.registry import BLOCKS, RULES\n"
         "from archkit.metrics import METRICS\n"
         "print(archkit.__file__); print(archkit.blocks.__file__); print(archkit.kernels.__file__)\n"
@@ -37,7 +38,7 @@ def test_wheel_installs_the_mapped_packages(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     for path in lines[:3]:
         assert path.startswith(str(target)), path
-    assert lines[3] == "attention,gated_delta,hebbian,mamba2,mlp"
+    assert lines[3] == "attention,gated_delta,hebbian,jet,mamba2,mlp"
     assert {"delta", "gated_delta", "hebbian"} <= set(lines[4].split(","))
     assert int(lines[5]) > 20
     find = "import importlib.util as u; s = u.find_spec('kernels'); print(s and s.origin)"

@@ -138,7 +138,7 @@ def test_eval_bench_and_build_print_only_table_names(tiny_run: Path) -> None:
     assert_vocabulary(json.loads(planned.stdout)["plan"], "build --json: plan")
 
 
-SOURCES = [p for folder in ("archkit", "blocks", "kernels", "benchmarks")
+SOURCES = [p for folder in ("archkit", "benchmarks")
            for p in sorted((ROOT / folder).rglob("*.py")) if p.name != "metrics.py"]
 
 

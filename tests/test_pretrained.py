@@ -8,6 +8,8 @@ does. Nothing is downloaded.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +125,7 @@ def test_logits_equal_transformers_from_a_hugging_face_directory(
 
 def test_logits_equal_transformers_from_gguf(llamas: dict[str, tuple[Path, Any]],
                                              tmp_path: Path) -> None:
-    directory, hf = llamas["gqa_tied"]
+    _, hf = llamas["gqa_tied"]
     write_gguf(tmp_path / "tiny.gguf", hf)
     spec = retrofit_spec(tmp_path / "tiny.gguf")
     assert spec.model.blocks["attention"]["n_kv_heads"] == 1 and spec.model.tie_embeddings
@@ -260,3 +262,13 @@ def test_spec_errors_name_the_field(llamas: dict[str, tuple[Path, Any]], tmp_pat
     spec = parse_spec({"name": "ok", "model": {"pretrained": {**source, "insert": INSERTS}}})
     again = parse_spec(spec.model_dump(mode="json"))
     assert again.model.resolved_layers == spec.model.resolved_layers
+
+
+def test_transformers_imports_from_the_repository_root() -> None:
+    """``python -m`` from a checkout puts its root on sys.path: no folder there may shadow
+    a module transformers looks for (it probes for a ``kernels`` package)."""
+    root = Path(__file__).resolve().parents[1]
+    probe = "import transformers; transformers.LlamaForCausalLM; print('ok')"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True,
+                            text=True)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]

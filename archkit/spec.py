@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from archkit.errors import SpecError
 from archkit.pretrained.retrofit import PretrainedSpec, plan_layers
-from archkit.pretrained.source import PretrainedError, locate, read_shape
+from archkit.pretrained.source import PretrainedError, read_shape
 from archkit.registry import BLOCKS, RULES, SLEEP_CONTROLLERS, TASKS, Registry, RegistryError
 from archkit.spec_files import apply_dotted, load_yaml_tree
 
@@ -259,6 +259,20 @@ class Spec(StrictModel):
     train: TrainSpec | None = None
     _curriculum: list[TaskSpec] = PrivateAttr(default_factory=list)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _model_tokenizer(cls, data: Any) -> Any:
+        """``task.tokenizer: model`` names the checkpoint ``model.pretrained`` loads."""
+        task = data.get("task") if isinstance(data, dict) else None
+        if not isinstance(task, dict) or task.get("tokenizer") != "model":
+            return data
+        pretrained = (data.get("model") or {}).get("pretrained")
+        if not isinstance(pretrained, dict):
+            raise SpecError("task.tokenizer", "a model.pretrained section (`model` means its "
+                            "checkpoint's tokenizer)", "model")
+        source = {key: pretrained[key] for key in ("path", "package") if key in pretrained}
+        return {**data, "task": {**task, "tokenizer": source}}
+
     def model_post_init(self, _context: Any) -> None:
         if self.task is not None:
             vocab = self.task.build().vocab_size
@@ -336,7 +350,7 @@ def _pretrained_fields(data: dict[str, Any]) -> dict[str, Any]:
     except ValidationError as err:
         raise from_validation_error(err, PretrainedSpec, "model.pretrained") from None
     try:
-        shape = read_shape(locate(pretrained.path, pretrained.package))
+        shape = read_shape(pretrained.locate())
     except PretrainedError as err:
         where = "path" if pretrained.path is not None else "package"
         raise SpecError(f"model.pretrained.{where}", f"a checkpoint archkit can load ({err})",

@@ -272,3 +272,81 @@ def test_transformers_imports_from_the_repository_root() -> None:
     result = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True,
                             text=True)
     assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def save_story_tokenizer(directory: Path) -> Any:
+    """A byte-level BPE tokenizer trained here on story problems, digits split as in
+    SmolLM2's, saved the way transformers saves any tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from archkit.tasks import get_task
+
+    stories = get_task("gsm_infinite", rendering="story").sample(64, seed=5).examples
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(
+        [f"{s.question} {s.context} Answer: {s.answer}" for s in stories], trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer,
+                                                eos_token="<eos>", pad_token="<pad>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def test_text_task_round_trip_with_the_model_tokenizer(tmp_path: Path) -> None:
+    """Tokenise story problems with the checkpoint's tokenizer, train 2 steps, decode,
+    score: an example is exact exactly when its decoded answer is the integer."""
+    from archkit.checkpoint import load_run
+    from archkit.evaluation import evaluate
+
+    directory = tmp_path / "llama"
+    tokenizer = save_story_tokenizer(directory)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    raw = {
+        "name": "text", "seed": 0,
+        "model": {"pretrained": {"path": str(directory),
+                                 "insert": [{"after": 0, "block": "jet"}]}},
+        "sleep": {"window": 32, "passes": 2},
+        "task": {"name": "gsm_infinite", "rendering": "story", "tokenizer": "model",
+                 "ops": [1, 2], "context_tokens": [70, 90], "names": 40},
+        "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "eval_every": 2,
+                  "eval_size": 8, "log_every": 1, "optimizer": "adamw",
+                  "baseline_examples": 16},
+    }
+    spec = parse_spec(raw)
+    assert spec.task.config.tokenizer.path == str(directory)
+    task = spec.task.build()
+    batch = task.eval_batch(6, seed=3)
+    for row, example in zip(batch.tokens, batch.examples, strict=True):
+        context = task.decode(row[: task.context_len][row[: task.context_len] != task.pad_id])
+        assert context.strip().startswith(example.question)
+    # the answers decode to the integer; a wrong digit makes the example wrong
+    for row, mask, example in zip(batch.tokens, batch.loss_mask, batch.examples, strict=True):
+        assert int(task.decode(row[mask][:-1])) == example.answer
+        assert row[mask][-1] == tokenizer.eos_token_id
+    right = task.score(batch.tokens, batch)
+    assert right.overall.exact == 1.0
+    wrong = batch.tokens.clone()
+    first_answer = batch.loss_mask[0].nonzero()[0, 0]
+    wrong[0, first_answer] = (wrong[0, first_answer] + 1) % len(tokenizer)
+    assert task.score(wrong, batch).overall.exact == pytest.approx(5 / 6)
+
+    train(spec, tmp_path / "run", progress=False)
+    run = load_run(tmp_path / "run")
+    with torch.no_grad():
+        out = run.model(batch.tokens, batch.context_len)
+    predictions = torch.full_like(batch.tokens, -1)
+    predictions[:, batch.context_len + 1:] = out.logits[:, :-1].argmax(-1)
+    decoded = [task.decode(p[m]) for p, m in zip(predictions, batch.loss_mask, strict=True)]
+    integer_match = [d == f" {e.answer}{tokenizer.eos_token}" or
+                     d == f"{e.answer}{tokenizer.eos_token}"
+                     for d, e in zip(decoded, batch.examples, strict=True)]
+    scored = evaluate(run.model, task, batch, batch_size=3).score.overall.exact
+    assert scored == pytest.approx(sum(integer_match) / len(batch))

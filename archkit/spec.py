@@ -352,12 +352,15 @@ def _pretrained_fields(data: dict[str, Any]) -> dict[str, Any]:
     try:
         shape = read_shape(pretrained.locate())
     except PretrainedError as err:
+        if _names_the_checkpoint_fields(data):  # a saved run's spec: its weights are its own
+            return data
         where = "path" if pretrained.path is not None else "package"
         raise SpecError(f"model.pretrained.{where}", f"a checkpoint archkit can load ({err})",
                         getattr(pretrained, where)) from None
-    fixed = shape.model_fields()
+    fixed = shape.spec_fields()
     attention = fixed.pop("attention")
-    fixed["layers"] = [p.entry for p in plan_layers(pretrained, shape)]
+    heads = {"n_heads": shape.n_heads, "head_dim": shape.head_dim}
+    fixed["layers"] = [p.entry for p in plan_layers(pretrained, shape.n_layers, heads)]
     if data.get("pattern") is not None:
         raise SpecError("model.pattern", "no pattern with model.pretrained: the layers are the "
                         "checkpoint's, changed by model.pretrained.insert/replace",
@@ -384,6 +387,16 @@ def _pretrained_fields(data: dict[str, Any]) -> dict[str, Any]:
                             f"{wanted!r} (or leave it out)", given)
     blocks["attention"] = {**blocks.get("attention", {}), **attention}
     return {**data, **fixed, "blocks": blocks}
+
+
+def _names_the_checkpoint_fields(data: dict[str, Any]) -> bool:
+    """Whether ``model:`` already gives every field a checkpoint fixes, as the spec a run
+    saved does: it can be validated, evaluated and resumed without the checkpoint file."""
+    fields = ("vocab_size", "d_model", "n_heads", "mlp_hidden", "norm_eps", "tie_embeddings",
+              "layers")
+    attention = (data.get("blocks") or {}).get("attention") or {}
+    return all(data.get(key) is not None for key in fields) and all(
+        key in attention for key in ("n_kv_heads", "head_dim", "rope_theta"))
 
 
 def _entry(where: str, item: str | LayerEntry) -> tuple[str, LayerEntry]:

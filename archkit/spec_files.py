@@ -91,13 +91,37 @@ def read_based_on_spec(path: Path, kind: str) -> dict[str, Any]:
     return data
 
 
+FILE_PATHS = (("model", "pretrained", "path"), ("task", "tokenizer", "path"))
+
+
+def anchor_paths(data: dict[str, Any], folder: Path) -> None:
+    """Make the checkpoint paths of one spec file (``FILE_PATHS``, nested or dotted)
+    absolute, a relative one read from ``folder``, the file's own: like ``extends``, a
+    spec means the same files from wherever it is loaded, and a run stores where they were."""
+    def anchored(value: str) -> str:
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (folder / path).resolve())
+
+    for keys in FILE_PATHS:
+        dotted = ".".join(keys)
+        if isinstance(data.get(dotted), str):
+            data[dotted] = anchored(data[dotted])
+        node: Any = data
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            node[keys[-1]] = anchored(node[keys[-1]])
+
+
 def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML mapping, resolving ``extends`` chains and dotted keys."""
+    """Read a YAML mapping, resolving ``extends`` chains, dotted keys and the checkpoint
+    paths it names (:func:`anchor_paths`)."""
     path = Path(path)
     if path.resolve() in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
         raise SpecError("extends", f"circular extends chain: {chain}", file=path)
     data = read_yaml_mapping(path)
+    anchor_paths(data, path.parent.resolve())
     dotted = {k: v for k, v in data.items() if isinstance(k, str) and "." in k}
     plain = {k: v for k, v in data.items() if k not in dotted and k != "extends"}
     if "extends" in data:

@@ -17,6 +17,7 @@ CASES = {
     "gated_delta": {"n_heads": 3, "expand_v": 1.5},
     "hebbian": {"n_heads": 2, "head_dim": 5},
     "hebbian_per_key": {"n_heads": 3, "decay": "per_key"},
+    "jet": {"n_heads": 2, "head_dim": 6, "generator_ratio": 4},
     "mamba2": {"n_heads": 4, "state_size": 6},
     "mlp": {},
 }
@@ -104,7 +105,7 @@ def test_attention_eviction() -> None:
     torch.testing.assert_close(y_after, y_fresh, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("case", ["gated_delta", "hebbian", "mamba2"])
+@pytest.mark.parametrize("case", ["gated_delta", "hebbian", "mamba2", "jet"])
 def test_fast_weights_persist_through_eviction(case: str) -> None:
     block = make_block(case)
     x = torch.randn(2, 6, D_MODEL, dtype=torch.float64)

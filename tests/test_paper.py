@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shipped import shipped
 from torch.utils.flop_counter import FlopCounterMode
 
 from archkit.api import train
@@ -17,7 +18,8 @@ from archkit.sleep import SleepingModel
 from archkit.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER_SPECS = sorted((ROOT / "specs/paper").glob("*.yaml"))
+PAPER_SPECS = [p for p in sorted((ROOT / "specs/paper").glob("*.yaml"))
+               if "pretrained:" not in p.read_text()]  # retrofits: see the test below
 SMOKE = {"train.steps": 2, "train.batch_size": 2, "train.eval_size": 2,
          "train.baseline_examples": 4, "train.eval_every": 2, "train.checkpoint_every": 2,
          "train.warmup_steps": 1, "train.log_every": 1}
@@ -52,6 +54,23 @@ def test_paper_spec_builds_plans_and_trains_two_steps(path: Path, tmp_path: Path
     assert final is not None
     assert "baseline" in final and 0 <= final["exact"] <= 1
     assert json.loads((run.run_dir / "eval_set.json").read_text())["examples"] == 2
+
+
+@pytest.mark.parametrize("path", shipped("gsm_retrofit.yaml", "specs/paper"))
+def test_retrofit_paper_spec_plans_and_asks_for_its_weights(
+        path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The Jet-Nemotron-like retrofit ships the checkpoint's config.json, not its weights:
+    it plans; training asks for the weights in one line."""
+    main(["build", str(path), "--json", "--plan", "2e9", "--device-tflops", "989"])
+    card = json.loads(capsys.readouterr().out)
+    assert card["plan"]["train_flops_per_token"] > card["flops_per_token"] > 0
+    spec = load_spec(path)
+    assert sum(layer.block == "jet" for layer in spec.model.resolved_layers) == 22
+    with pytest.raises(SystemExit) as exit_code:
+        main(["train", str(path), "--runs", str(tmp_path / "runs")])
+    assert exit_code.value.code == 2
+    assert "no .safetensors weights" in capsys.readouterr().err
+    assert not list((tmp_path / "runs").glob("*/checkpoint"))
 
 
 def test_gsm_test_set_is_fixed_and_pinned() -> None:

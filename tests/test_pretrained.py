@@ -8,6 +8,8 @@ does. Nothing is downloaded.
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -213,9 +215,14 @@ def test_replaced_attention_starts_from_its_projections(
     assert torch.allclose(mixed.flatten(2), torch.nn.functional.silu(v), atol=1e-6)
 
 
-def test_frozen_pretrained_weights_do_not_move(llamas: dict[str, tuple[Path, Any]],
-                                               tmp_path: Path) -> None:
-    directory, _ = llamas["mha_untied"]
+@pytest.mark.parametrize("freeze", [{"pretrained": True}, {"embeddings": True, "layers": [2]}])
+def test_frozen_parameters_do_not_move_and_the_rest_do(
+        llamas: dict[str, tuple[Path, Any]], tmp_path: Path, freeze: dict[str, Any]) -> None:
+    from archkit.checkpoint import load_run
+    from archkit.evaluation import evaluate_run
+
+    directory = tmp_path / "llama"
+    shutil.copytree(llamas["mha_untied"][0], directory)
     raw = {
         "name": "frozen", "seed": 0,
         "model": {"pretrained": {"path": str(directory), "insert": INSERTS[:1]}},
@@ -223,20 +230,30 @@ def test_frozen_pretrained_weights_do_not_move(llamas: dict[str, tuple[Path, Any
         "task": {"name": "rule110", "width": 6, "states": 2},
         "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "eval_every": 2,
                   "eval_size": 8, "log_every": 1, "optimizer": "adamw", "lr": 1e-2,
-                  "baseline_examples": 8, "freeze": {"pretrained": True}},
+                  "baseline_examples": 8, "freeze": freeze},
     }
     spec = parse_spec(raw)
     before = SleepingModel.from_spec(spec).model
     train(spec, tmp_path / "run", progress=False)
-    from archkit.checkpoint import load_run
-
-    after = load_run(tmp_path / "run").model.model
-    frozen = pretrained_parameters(before, spec.model)
-    weights = dict(after.named_parameters())
+    after = dict(load_run(tmp_path / "run").model.model.named_parameters())
+    if freeze.get("pretrained"):
+        frozen = pretrained_parameters(before, spec.model)
+        assert "layers.1.mixer.o_proj.weight" not in frozen  # the inserted layer learns
+    else:
+        frozen = {"embedding.weight", "head.weight"} | {
+            name for name, _ in before.named_parameters() if name.startswith("layers.2.")}
     for name, value in before.named_parameters():
-        moved = not torch.equal(value, weights[name])
+        moved = not torch.equal(value, after[name])
         assert moved == (name not in frozen), name
-    assert "layers.1.mixer.o_proj.weight" not in frozen
+    # the run is its own: with the pretrained files gone it evaluates and resumes
+    shutil.rmtree(directory)
+    final = json.loads((tmp_path / "run/final.json").read_text())
+    assert evaluate_run(load_run(tmp_path / "run")).metrics()["exact"] == final["exact"]
+    with pytest.raises(SpecError, match=r"model\.pretrained\.path"):  # a new run needs them
+        parse_spec({**raw, "train": {**raw["train"], "steps": 3}})
+    stored = load_run(tmp_path / "run").spec.model_dump(mode="json")
+    stored["train"]["steps"] = 3
+    train(parse_spec(stored), tmp_path / "run", resume=True, progress=False)
 
 
 def test_spec_errors_name_the_field(llamas: dict[str, tuple[Path, Any]], tmp_path: Path
@@ -337,6 +354,13 @@ def test_text_task_round_trip_with_the_model_tokenizer(tmp_path: Path) -> None:
     first_answer = batch.loss_mask[0].nonzero()[0, 0]
     wrong[0, first_answer] = (wrong[0, first_answer] + 1) % len(tokenizer)
     assert task.score(wrong, batch).overall.exact == pytest.approx(5 / 6)
+    # the number may end with any token but a digit in place of the end-of-sequence
+    last = batch.loss_mask[1].nonzero()[-1, 0]
+    ended, extended = batch.tokens.clone(), batch.tokens.clone()
+    ended[1, last] = tokenizer.convert_tokens_to_ids(".")
+    extended[1, last] = tokenizer.convert_tokens_to_ids("7")
+    assert task.score(ended, batch).overall.exact == 1.0
+    assert task.score(extended, batch).overall.exact == pytest.approx(5 / 6)
 
     train(spec, tmp_path / "run", progress=False)
     run = load_run(tmp_path / "run")
@@ -350,3 +374,62 @@ def test_text_task_round_trip_with_the_model_tokenizer(tmp_path: Path) -> None:
                      for d, e in zip(decoded, batch.examples, strict=True)]
     scored = evaluate(run.model, task, batch, batch_size=3).score.overall.exact
     assert scored == pytest.approx(sum(integer_match) / len(batch))
+
+
+def test_cli_zero_shot_eval_and_missing_weights(llamas: dict[str, tuple[Path, Any]],
+                                                tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`archkit eval SPEC` scores the pretrained model untrained; a directory with a
+    config.json but no weights is one line and exit 2 when training starts."""
+    import yaml
+
+    from archkit.cli import main
+
+    directory, _ = llamas["gqa_tied"]
+    spec = {"name": "zero_shot", "model": {"pretrained": {"path": str(directory)}},
+            "sleep": {"window": 64}, "task": {"name": "rule110", "width": 6, "states": 2},
+            "train": {"eval_size": 16, "baseline_examples": 16, "steps": 2}}
+    path = tmp_path / "zero_shot.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    main(["eval", str(path), "--json"])
+    scored = json.loads(capsys.readouterr().out)
+    assert 0 <= scored["exact"] <= 1 and "baseline" in scored
+
+    empty = tmp_path / "no_weights"
+    empty.mkdir()
+    shutil.copy(directory / "config.json", empty / "config.json")
+    spec["model"]["pretrained"]["path"] = str(empty)
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit) as exit_code:
+        main(["train", str(path), "--runs", str(tmp_path / "runs"), "--no-progress"])
+    assert exit_code.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "no .safetensors weights" in error[0]
+
+
+def test_a_relative_checkpoint_path_is_read_from_the_spec_file(
+        llamas: dict[str, tuple[Path, Any]], tmp_path: Path) -> None:
+    """Like `extends`, a relative `model.pretrained.path` means the same folder from
+    wherever the spec is loaded (here through an extends chain from another folder)."""
+    import yaml
+
+    from archkit.spec import load_spec
+
+    shutil.copytree(llamas["gqa_tied"][0], tmp_path / "weights/llama")
+    (tmp_path / "specs/sub").mkdir(parents=True)
+    (tmp_path / "specs/base.yaml").write_text(yaml.safe_dump(
+        {"name": "base", "model": {"pretrained": {"path": "../weights/llama"}},
+         "sleep": {"window": 8}}))
+    (tmp_path / "specs/sub/child.yaml").write_text("extends: ../base.yaml\nname: child\n")
+    spec = load_spec(tmp_path / "specs/sub/child.yaml")
+    assert spec.model.pretrained.path == str((tmp_path / "weights/llama").resolve())
+
+
+def test_freezing_every_parameter_is_refused(llamas: dict[str, tuple[Path, Any]],
+                                            tmp_path: Path) -> None:
+    raw = {"name": "all_frozen", "model": {"pretrained": {"path": str(llamas["gqa_tied"][0])}},
+           "sleep": {"window": 12}, "task": {"name": "rule110", "width": 6, "states": 2},
+           "train": {"steps": 2, "batch_size": 4, "freeze": {"pretrained": True}}}
+    with pytest.raises(SpecError) as err:
+        train(parse_spec(raw), tmp_path / "run", progress=False)
+    assert err.value.path == "train.freeze"

@@ -32,7 +32,9 @@ from archkit.registry import register_block
 
 
 class RopeScaling(BlockConfig):
-    """RoPE frequency scaling of a long-context pretrained model (names as in Llama's)."""
+    """RoPE frequency scaling of a long-context pretrained model: Llama's ``rope_scaling``
+    (``rope_type`` is ``type``, ``original_max_position_embeddings`` is
+    ``original_max_position``)."""
 
     type: Literal["linear", "llama3"]
     factor: Annotated[float, Field(gt=0)]

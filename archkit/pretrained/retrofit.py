@@ -22,7 +22,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from archkit.errors import SpecError
-from archkit.pretrained.source import CheckpointSource, LlamaShape
+from archkit.pretrained.source import CheckpointSource
 
 Index = Annotated[int, Field(ge=0)]
 
@@ -82,9 +82,11 @@ class PlannedLayer:
         return self.origin is not None and not self.replaced
 
 
-def plan_layers(pretrained: PretrainedSpec, shape: LlamaShape) -> list[PlannedLayer]:
-    """The retrofitted model's layers in order (see the module docstring)."""
-    n = shape.n_layers
+def plan_layers(pretrained: PretrainedSpec, n: int, heads: dict[str, Any] | None = None
+                ) -> list[PlannedLayer]:
+    """The layers of an ``n``-layer checkpoint after the edits, in order (see the module
+    docstring); ``heads`` are the config defaults a block replacing attention takes (the
+    attention's ``n_heads`` and ``head_dim``)."""
     for k, edit in enumerate(pretrained.insert):
         if edit.slot > n or (edit.before is not None and edit.before >= n):
             where = "before" if edit.before is not None else "after"
@@ -98,7 +100,6 @@ def plan_layers(pretrained: PretrainedSpec, shape: LlamaShape) -> list[PlannedLa
                             f"a pretrained layer index within 0..{n - 1}, each replaced once",
                             edit.layer)
         replaced[edit.layer] = edit
-    heads = {"n_heads": shape.n_heads, "head_dim": shape.head_dim}
 
     def inserted(slot: int) -> list[PlannedLayer]:
         return [PlannedLayer(None, {"block": e.block, "mlp": e.mlp, "config": e.config})
@@ -109,7 +110,8 @@ def plan_layers(pretrained: PretrainedSpec, shape: LlamaShape) -> list[PlannedLa
         layers += inserted(i)
         if i in replaced:
             edit = replaced[i]
-            entry = {"block": edit.block, "mlp": True, "config": {**heads, **edit.config}}
+            entry = {"block": edit.block, "mlp": True, "config": {**(heads or {}),
+                                                                   **edit.config}}
             layers.append(PlannedLayer(i, entry, replaced=True))
         else:
             layers.append(PlannedLayer(i, {"block": "attention", "mlp": True, "config": {}}))

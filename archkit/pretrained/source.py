@@ -63,7 +63,7 @@ class LlamaShape:
     rope_scaling: dict[str, Any] | None
     tie_embeddings: bool
 
-    def model_fields(self) -> dict[str, Any]:
+    def spec_fields(self) -> dict[str, Any]:
         """The ``model:`` fields this checkpoint fixes (layers come from the retrofit plan)."""
         attention: dict[str, Any] = {"n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
                                      "rope_theta": self.rope_theta}
@@ -113,7 +113,11 @@ def read_shape(file: Path) -> LlamaShape:
 
 @functools.lru_cache(maxsize=8)
 def _read_shape(file: Path, _version: int) -> LlamaShape:
-    return _gguf_shape(file) if file.is_file() else _hf_shape(file)
+    try:
+        return _gguf_shape(file) if file.is_file() else _hf_shape(file)
+    except (KeyError, StopIteration, json.JSONDecodeError) as err:
+        raise PretrainedError(f"{file}: not a Llama checkpoint archkit can read (missing "
+                              f"{err!s})") from None
 
 
 def _hf_shape(directory: Path) -> LlamaShape:
@@ -198,7 +202,9 @@ def _gguf_shape(file: Path) -> LlamaShape:
 
     heads = int(value("attention.head_count"))
     d_model = int(value("embedding_length"))
-    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise PretrainedError(f"{file}: no token_embd.weight tensor")
     scaling = gguf_value(reader, f"{arch}.rope.scaling.type", "none")
     rope_scaling = None
     if scaling == "linear":

@@ -27,7 +27,12 @@ def _load(file: Path, _version: int) -> Any:
     except ImportError:
         raise PretrainedError("a pretrained tokenizer needs transformers: "
                               "pip install 'archkit[pretrained]'") from None
-    if file.is_file():
-        return AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name,
-                                             local_files_only=True)
-    return AutoTokenizer.from_pretrained(file, local_files_only=True)
+    try:
+        if file.is_file():
+            return AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name,
+                                                 local_files_only=True)
+        return AutoTokenizer.from_pretrained(file, local_files_only=True)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PretrainedError(f"{file}: no tokenizer transformers can read ({first_line})"
+                              ) from None

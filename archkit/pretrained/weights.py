@@ -67,12 +67,12 @@ def _read_gguf(shape: LlamaShape) -> Iterator[tuple[str, Tensor]]:
 
     for tensor in gguf_reader(shape.file).tensors:
         stem, _, kind = tensor.name.rpartition(".")
-        if stem.startswith("blk."):
-            _, index, part = stem.split(".", 2)
-            name = f"model.layers.{index}.{GGUF_NAMES[part]}.{kind}"
-        else:
-            part = stem
-            name = f"{GGUF_NAMES[stem]}.{kind}"
+        index, part = stem.split(".", 2)[1:] if stem.startswith("blk.") else (None, stem)
+        if part not in GGUF_NAMES:
+            raise PretrainedError(f"{shape.file}: tensor {tensor.name!r} is not part of a "
+                                  "Llama model archkit can load")
+        hf_name = f"{GGUF_NAMES[part]}.{kind}"
+        name = hf_name if index is None else f"model.layers.{index}.{hf_name}"
         # GGUF lists dimensions fastest first; numpy wants them slowest first
         rows = dequantize(tensor.data, tensor.tensor_type).reshape(
             [int(d) for d in reversed(tensor.shape)])
@@ -104,7 +104,7 @@ def load_pretrained(model: HybridModel, spec: ModelSpec) -> None:
     assert spec.pretrained is not None
     shape = read_shape(spec.pretrained.locate())
     tensors = read_tensors(shape)
-    plan = plan_layers(spec.pretrained, shape)
+    plan = plan_layers(spec.pretrained, shape.n_layers)
     with torch.no_grad():
         _copy(model.embedding.weight, tensors, "model.embed_tokens.weight")
         _copy(model.norm.weight, tensors, "model.norm.weight")
@@ -119,9 +119,10 @@ def pretrained_parameters(model: HybridModel, spec: ModelSpec) -> set[str]:
     checkpoint: embedding, head, final norm and every pretrained layer but a replaced
     mixer."""
     assert spec.pretrained is not None
-    shape = read_shape(spec.pretrained.locate())
+    # from the spec alone, so a run resumes where the checkpoint file is gone
+    pretrained_layers = len(spec.resolved_layers) - len(spec.pretrained.insert)
     names = {"embedding.weight", "norm.weight", "head.weight"}
-    for i, planned in enumerate(plan_layers(spec.pretrained, shape)):
+    for i, planned in enumerate(plan_layers(spec.pretrained, pretrained_layers)):
         if planned.origin is None:
             continue
         layer = model.layers[i]
@@ -146,14 +147,15 @@ def _load_layer(layer: nn.Module, planned: PlannedLayer, tensors: dict[str, Tens
 
     _copy(layer.mixer_norm.weight, tensors, prefix + "input_layernorm.weight")
     _copy(layer.mlp_norm.weight, tensors, prefix + "post_attention_layernorm.weight")
-    _copy(layer.mlp.gate_up.weight, tensors, None,
-          torch.cat([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")]))
+    _assign(layer.mlp.gate_up.weight,
+            torch.cat([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")]),
+            prefix + "mlp.gate_proj/up_proj")
     _copy(layer.mlp.down.weight, tensors, prefix + "mlp.down_proj.weight")
     q, k, v, o = (take(f"self_attn.{p}_proj.weight") for p in "qkvo")
     if planned.attention_pretrained:
-        _copy(layer.mixer.q_proj.weight, tensors, None, q)
-        _copy(layer.mixer.kv_proj.weight, tensors, None, torch.cat([k, v]))
-        _copy(layer.mixer.o_proj.weight, tensors, None, o)
+        _assign(layer.mixer.q_proj.weight, q, prefix + "self_attn.q_proj")
+        _assign(layer.mixer.kv_proj.weight, torch.cat([k, v]), prefix + "self_attn.k_proj/v_proj")
+        _assign(layer.mixer.o_proj.weight, o, prefix + "self_attn.o_proj")
         return
     _from_attention(layer.mixer, q, k, v, o, shape, planned.entry["block"])
 
@@ -174,8 +176,9 @@ def _from_attention(mixer: nn.Module, q: Tensor, k: Tensor, v: Tensor, o: Tensor
         return w.reshape(shape.n_kv_heads, shape.head_dim, -1).repeat_interleave(
             group, dim=0).reshape(-1, w.shape[-1])
 
-    _copy(projection.weight, {}, None, torch.cat([q, per_query_head(k), per_query_head(v)]))
-    _copy(mixer.o_proj.weight, {}, None, o)
+    _assign(projection.weight, torch.cat([q, per_query_head(k), per_query_head(v)]),
+            f"{block} qkv_proj from attention")
+    _assign(mixer.o_proj.weight, o, f"{block} o_proj from attention")
     mixer.conv.identity_()
 
 
@@ -195,11 +198,13 @@ def _tensor(tensors: dict[str, Tensor], name: str) -> Tensor:
     return tensors[name]
 
 
-def _copy(target: Tensor, tensors: dict[str, Tensor], name: str | None,
-          value: Tensor | None = None) -> None:
-    value = _tensor(tensors, name) if name is not None else value
-    assert value is not None
+def _copy(target: Tensor, tensors: dict[str, Tensor], name: str) -> None:
+    """The checkpoint's tensor ``name`` into ``target``."""
+    _assign(target, _tensor(tensors, name), name)
+
+
+def _assign(target: Tensor, value: Tensor, what: str) -> None:
     if value.shape != target.shape:
-        raise PretrainedError(f"{name or 'a retrofit weight'}: shape {tuple(value.shape)} in "
-                              f"the checkpoint, {tuple(target.shape)} in the model")
+        raise PretrainedError(f"{what}: shape {tuple(value.shape)} in the checkpoint, "
+                              f"{tuple(target.shape)} in the model")
     target.copy_(value.to(target.dtype))

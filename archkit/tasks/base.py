@@ -275,7 +275,7 @@ class Task(ABC):
                 f"predictions have shape {tuple(predictions.shape)}, "
                 f"the batch's tokens {tuple(batch.tokens.shape)}"
             )
-        right = (predictions.to(batch.tokens.device) == batch.tokens) & batch.loss_mask
+        right = self.accepts(predictions.to(batch.tokens.device), batch) & batch.loss_mask
 
         def accuracy(scored: torch.Tensor) -> Accuracy:
             rows = scored.any(1)
@@ -290,6 +290,11 @@ class Task(ABC):
         by_difficulty = {value: accuracy(by_answer == value)
                          for value in by_answer[by_answer >= 0].unique().tolist()}
         return Score(accuracy(batch.loss_mask), by_difficulty)
+
+    def accepts(self, predictions: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+        """Which guesses count as right ([n, T] bool; only loss-mask positions are read):
+        by default, the answer token itself."""
+        return predictions == batch.tokens
 
     def format_context(self, ids: list[int]) -> str:
         """The context for people: padding counted, the rest decoded and wrapped."""

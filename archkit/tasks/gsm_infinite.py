@@ -27,14 +27,15 @@ also keeps its raw text (question, context, answer) for other tokenizers.
 With ``tokenizer:`` (a pretrained checkpoint's, ``model`` for the spec's own
 ``model.pretrained``) the same problems are tokenised by that tokenizer instead: every
 statement encoded with a leading space, lengths counted in its tokens, and the prediction
-segment `` Answer: <digits><eos>`` with the digits and end-of-sequence as the answers.
-Every answer token right under teacher forcing is the same as greedy decoding writing
-exactly the answer's digits and stopping, i.e. an exact integer match of the decoded
-answer.
+segment `` Answer: <digits><eos>`` with the digits and end-of-sequence as the answers
+(the loss). Scoring accepts any token that ends the number in place of end-of-sequence
+(``accepts``), so an example is exact when greedy decoding writes exactly the answer's
+digits and then anything but a digit: an exact integer match of the decoded answer.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -46,11 +47,19 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from archkit.pretrained.source import CheckpointSource
+from archkit.pretrained.source import CheckpointSource, PretrainedError
 from archkit.pretrained.tokenizer import load_tokenizer
 from archkit.registry import register_task
 from archkit.spec import SpecError
-from archkit.tasks.base import CountRange, IntRange, Split, Task, TaskConfig, draw_in_split
+from archkit.tasks.base import (
+    CountRange,
+    IntRange,
+    Split,
+    Task,
+    TaskBatch,
+    TaskConfig,
+    draw_in_split,
+)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Rendering = Literal["symbolic", "story"]
@@ -161,13 +170,12 @@ class GsmInfiniteConfig(TaskConfig):
 
     @model_validator(mode="after")
     def _fits(self) -> GsmInfiniteConfig:
-        if self.tokenizer is not None:
-            return self  # counted in the tokenizer's tokens when the task is built
         most_ops, longest = self.ops[1], self.context_tokens[1]
         # A tree with k ops has at most 2k + 1 statements: each op adds one or two operands.
         question = len(WORDS.findall(render_question(0, self.rendering)))
         needed = question + (2 * most_ops + 1) * longest_statement(self.rendering, self.max_value)
-        if longest < needed:
+        # a model's tokenizer counts in its own tokens: checked when the task is built
+        if self.tokenizer is None and longest < needed:
             raise SpecError(
                 "task.context_tokens",
                 f"room for the largest problem of {most_ops} ops: "
@@ -210,7 +218,13 @@ class GsmInfinite(Task):
 
     def __init__(self, config: GsmInfiniteConfig) -> None:
         self.config: GsmInfiniteConfig = config
-        self.tokenizer = None if config.tokenizer is None else load_tokenizer(config.tokenizer)
+        self.tokenizer = None
+        if config.tokenizer is not None:
+            try:
+                self.tokenizer = load_tokenizer(config.tokenizer)
+            except PretrainedError as err:
+                raise SpecError("task.tokenizer", f"a tokenizer archkit can load ({err})",
+                                config.tokenizer.model_dump(exclude_none=True)) from None
         if self.tokenizer is not None:
             self._init_tokenized(config)
             return
@@ -236,19 +250,33 @@ class GsmInfinite(Task):
         if eos is None:
             raise SpecError("task.tokenizer", "a tokenizer with an end-of-sequence token",
                             config.tokenizer.model_dump(exclude_none=True))
-        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        self.predictions = {value: self._split_prediction(value)
-                            for value in range(config.max_value + 1)}
+        vocab, self.extends_number = _token_table(tokenizer)
+        self.prediction_segments = {value: self._split_prediction(value)
+                                    for value in range(config.max_value + 1)}
         super().__init__(
             config,
             vocab=vocab,
             context_len=config.context_tokens[1],
             seq_len=config.context_tokens[1] + max(
-                len(prefix) + len(answer) for prefix, answer in self.predictions.values()),
+                len(prefix) + len(answer) for prefix, answer in self.prediction_segments.values()),
             difficulties=range(config.ops[0], config.ops[1] + 1),
-            pad=vocab[pad],
         )
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+
+    def accepts(self, predictions: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+        """With a model's tokenizer, the end-of-sequence answer is right when the guess
+        ends the number with any token that does not extend it: every answer position
+        right is then an exact integer match of the greedily decoded answer, for a
+        pretrained model (which ends a number with '.' or a newline) as for a tuned one."""
+        right = super().accepts(predictions, batch)
+        if self.tokenizer is None:
+            return right
+        ends = batch.tokens == self.tokenizer.eos_token_id
+        # an id beyond the tokenizer's (a model's vocabulary may be larger) is no digit
+        table = torch.cat([self.extends_number, torch.zeros(1, dtype=torch.bool)])
+        ids = predictions.cpu().clamp(0, len(self.extends_number))
+        extends = table[ids].to(predictions.device)
+        return right | (ends & ~extends & (predictions >= 0))
 
     def _split_prediction(self, answer: int) -> tuple[list[int], list[int]]:
         """`` Answer: <answer>`` tokenised whole, cut before the first token with a digit:
@@ -396,13 +424,21 @@ class GsmInfinite(Task):
             examples.append(example)
         return tokens, loss_mask, examples
 
-
     def _prediction(self, answer: int) -> tuple[list[int], list[int]]:
         """The prediction segment's opening and its answer tokens (digits, end)."""
         if self.tokenizer is None:
             return [self.ids["answer"], self.ids[":"]], [
                 *(self.ids[d] for d in str(answer)), self.ids["<eos>"]]
-        return self.predictions[answer]
+        return self.prediction_segments[answer]
+
+
+@functools.lru_cache(maxsize=4)
+def _token_table(tokenizer: Any) -> tuple[list[str], torch.Tensor]:
+    """A tokenizer's token strings and which tokens start with a digit (would extend a
+    number), once per tokenizer: the spec, trainer and evaluation each build the task."""
+    ids = list(range(len(tokenizer)))
+    digits = torch.tensor([tokenizer.decode([i])[:1].isdigit() for i in ids])
+    return tokenizer.convert_ids_to_tokens(ids), digits
 
 
 def graph_content(question: tuple[int, tuple[Statement, ...]]) -> np.ndarray:

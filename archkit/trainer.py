@@ -131,11 +131,12 @@ def make_optimizers(model: nn.Module, train: TrainSpec) -> dict[str, torch.optim
     def trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
         return [p for p in params if p.requires_grad]
 
-    if not trainable(model.parameters()):
+    everything = trainable(model.parameters())
+    if not everything:
         raise SpecError("train.freeze", "parameter groups that leave something to train",
                         train.freeze.model_dump())
     if train.optimizer == "adamw":
-        return {"adamw": torch.optim.AdamW(trainable(model.parameters()), lr=train.lr,
+        return {"adamw": torch.optim.AdamW(everything, lr=train.lr,
                                            weight_decay=train.weight_decay)}
     hidden, others = (trainable(group) for group in split_parameters(model))
     optimizers: dict[str, torch.optim.Optimizer] = {}

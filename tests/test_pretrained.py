@@ -275,6 +275,12 @@ def test_spec_errors_name_the_field(llamas: dict[str, tuple[Path, Any]], tmp_pat
     assert problem({"pretrained": {**source, "insert": [{"block": "hebbian"}]}}) == \
         "model.pretrained.insert[0]"
     assert problem({"pretrained": {**source, "pattern": "A"}}) == "model.pretrained.pattern"
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    assert problem({"pretrained": {"path": str(corrupt)}}) == "model.pretrained.path"
+    (corrupt / "config.json").write_text('{"model_type": "llama"}')  # keys missing
+    assert problem({"pretrained": {"path": str(corrupt)}}) == "model.pretrained.path"
     # a saved spec names every field the checkpoint fixed, and loads again
     spec = parse_spec({"name": "ok", "model": {"pretrained": {**source, "insert": INSERTS}}})
     again = parse_spec(spec.model_dump(mode="json"))

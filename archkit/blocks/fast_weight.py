@@ -81,17 +81,16 @@ class FastWeightBlock(Block):
 
     ``rule`` names the registered local update rule; it is a plain attribute so another
     rule can be swapped in with the same projections (e.g. while asleep).
-    ``conv_channels=None`` leaves ``self.conv`` to the subclass (e.g. ``jet``'s dynamic
-    conv); whatever it sets must give the tail through ``initial_tail(batch_size, like)``.
+    ``conv`` is the block's short convolution (a ``ShortConv``, or ``jet``'s dynamic one):
+    its ``initial_tail(batch_size, like)`` is the local context of a fresh state.
     """
 
-    def __init__(self, n_heads: int, key_dim: int, value_dim: int, conv_channels: int | None,
+    def __init__(self, n_heads: int, key_dim: int, value_dim: int, conv: nn.Module,
                  config: FastWeightConfig, scalar_decay: bool = True) -> None:
         super().__init__()
         self.n_heads, self.key_dim, self.value_dim = n_heads, key_dim, value_dim
         self.rule, self.impl = config.rule, config.impl
-        if conv_channels is not None:
-            self.conv = ShortConv(conv_channels, config.conv_size)
+        self.conv = conv
         if not scalar_decay:
             return
         self.A_log = nn.Parameter(torch.log(torch.empty(n_heads).uniform_(1, 16)))
@@ -130,7 +129,8 @@ class QKVFastWeightBlock(FastWeightBlock):
     """The GDN-style body: conv'd q, k, v with unit-norm q, k; gated RMSNorm output.
 
     Subclasses choose the decay ``g`` and write strength ``beta`` from ``gate_logits``,
-    a projection of x with ``gate_width`` channels.
+    a projection of x with ``gate_width`` channels; ``make_conv`` and ``convolve`` are the
+    short-convolution stage (by default a ``ShortConv`` over q, k and v together).
     """
 
     def __init__(self, d_model: int, config: QKVConfig, gate_width: int,
@@ -139,7 +139,8 @@ class QKVFastWeightBlock(FastWeightBlock):
         key_dim = config.head_dim or d_model // h
         value_dim = max(1, round(key_dim * config.expand_v))
         self.widths = [h * key_dim, h * key_dim, h * value_dim]
-        super().__init__(h, key_dim, value_dim, sum(self.widths), config, scalar_decay)
+        conv = self.make_conv(d_model, config)
+        super().__init__(h, key_dim, value_dim, conv, config, scalar_decay)
         self.qkv_proj = nn.Linear(d_model, sum(self.widths), bias=False)
         self.gate_logits = nn.Linear(d_model, gate_width, bias=False)
         self.gate_proj = nn.Linear(d_model, self.widths[2], bias=False)
@@ -149,11 +150,21 @@ class QKVFastWeightBlock(FastWeightBlock):
     def decay_and_beta(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def make_conv(self, d_model: int, config: QKVConfig) -> nn.Module:
+        """The short convolution, built before the module's other parts (``self.widths``
+        is set; nothing else is)."""
+        return ShortConv(sum(self.widths), config.conv_size)
+
+    def convolve(self, x: Tensor, tail: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q, k, v (before the norm) and the next conv tail for inputs ``x``."""
+        qkv, tail = self.conv(self.qkv_proj(x), tail)
+        return (*qkv.split(self.widths, dim=-1), tail)
+
     def forward(self, x: Tensor, state: FastWeightState) -> tuple[Tensor, FastWeightState]:
         batch, length, _ = x.shape
         heads = (batch, length, self.n_heads, -1)
-        qkv, tail = self.conv(self.qkv_proj(x), state.conv_tail)
-        q, k, v = (part.view(heads) for part in qkv.split(self.widths, dim=-1))
+        *qkv, tail = self.convolve(x, state.conv_tail)
+        q, k, v = (part.view(heads) for part in qkv)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         g, beta = self.decay_and_beta(self.gate_logits(x))
         o, weights = self.apply_rule(q, k, v, g, beta, state, self.key_dim**-0.5)

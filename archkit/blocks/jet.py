@@ -27,14 +27,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from archkit.blocks.common import FastWeightState
-from archkit.blocks.fast_weight import FastWeightBlock, GatedRMSNorm, QKVConfig
+from archkit.blocks.gated_delta import GatedDelta, GatedDeltaConfig
 from archkit.registry import register_block
 
 
-class JetConfig(QKVConfig):
+class JetConfig(GatedDeltaConfig):
     conv_size: Annotated[int, Field(ge=1)] = Field(4, description="dynamic conv width W")
-    rule: str = Field("gated_delta", description="registered local update rule")
     generator_ratio: Annotated[int, Field(ge=1)] = Field(
         8, description="kernel generator hidden width = d_model // generator_ratio")
 
@@ -83,33 +81,19 @@ class DynamicConv(nn.Module):
 
 @register_block("jet", config=JetConfig,
                 description="JetBlock (Jet-Nemotron): gated delta rule, dynamic conv on v")
-class Jet(FastWeightBlock):
-    def __init__(self, d_model: int, config: JetConfig, norm_eps: float = 1e-5) -> None:
-        h = config.n_heads
-        key_dim = config.head_dim or d_model // h
-        value_dim = max(1, round(key_dim * config.expand_v))
-        super().__init__(h, key_dim, value_dim, None, config)
-        self.widths = [h * key_dim, h * key_dim, h * value_dim]
-        self.conv = DynamicConv(d_model, h, value_dim, config.conv_size,
-                                d_model // config.generator_ratio)
-        self.qkv_proj = nn.Linear(d_model, sum(self.widths), bias=False)
-        self.gate_logits = nn.Linear(d_model, 2 * h, bias=False)  # W_a, W_b
-        self.gate_proj = nn.Linear(d_model, self.widths[2], bias=False)
-        self.out_norm = GatedRMSNorm(value_dim, norm_eps)
-        self.o_proj = nn.Linear(self.widths[2], d_model, bias=False)
+class Jet(GatedDelta):
+    """Gated DeltaNet (its projections, gates and rule) with the short convolution of
+    Eqs. 1-3: none on q and k, a dynamic one on v."""
 
-    def forward(self, x: Tensor, state: FastWeightState) -> tuple[Tensor, FastWeightState]:
-        batch, length, _ = x.shape
-        heads = (batch, length, self.n_heads, -1)
+    def make_conv(self, d_model: int, config: JetConfig) -> DynamicConv:  # type: ignore[override]
+        heads = config.n_heads
+        return DynamicConv(d_model, heads, self.widths[2] // heads, config.conv_size,
+                           d_model // config.generator_ratio)
+
+    def convolve(self, x: Tensor, tail: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         q, k, v = self.qkv_proj(x).split(self.widths, dim=-1)
-        q, k = F.normalize(q.view(heads), dim=-1), F.normalize(k.view(heads), dim=-1)
-        v, tail = self.conv(x, v, state.conv_tail)
-        decay_logit, beta_logit = self.gate_logits(x).chunk(2, dim=-1)
-        g = -self.A_log.exp() * self.time_step(decay_logit)
-        o, weights = self.apply_rule(q, k, v, g, beta_logit.sigmoid(), state,
-                                     self.key_dim**-0.5)
-        o = self.out_norm(o, self.gate_proj(x).view(heads))
-        return self.o_proj(o.reshape(batch, length, -1)), FastWeightState(weights, tail)
+        v, tail = self.conv(x, v, tail)
+        return q, k, v, tail
 
     def mixing_flops_per_token(self, context: int) -> int:
         # the dynamic kernel is an activation, not a weight: its W multiply-adds per value

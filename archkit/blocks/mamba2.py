@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from archkit.blocks.common import FastWeightState
-from archkit.blocks.fast_weight import FastWeightBlock, FastWeightConfig, GatedRMSNorm
+from archkit.blocks.fast_weight import FastWeightBlock, FastWeightConfig, GatedRMSNorm, ShortConv
 from archkit.registry import register_block
 
 
@@ -49,7 +49,7 @@ class Mamba2(FastWeightBlock):
         h, n = config.n_heads, config.state_size
         p = config.head_dim or config.expand * d_model // h
         self.widths = [h * p, h * p, n, n, h]  # z, x, B, C, dt
-        super().__init__(h, n, p, h * p + 2 * n, config)
+        super().__init__(h, n, p, ShortConv(h * p + 2 * n, config.conv_size), config)
         self.in_proj = nn.Linear(d_model, sum(self.widths), bias=False)
         self.D = nn.Parameter(torch.ones(h))
         self.out_norm = GatedRMSNorm(p, norm_eps)

@@ -278,6 +278,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     else:
         spec = load_spec(args.target, overrides)
         sleeper = SleepingModel.from_spec(spec)
+    if args.compile:
+        sleeper.model.compile_passes()
     figures = measure(sleeper, *bench_inputs(spec), decode_tokens=args.decode)
     if args.json:
         print(json.dumps(figures, indent=2))
@@ -551,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("target", type=Path, help="a spec file or a run directory")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--threads", type=_positive_int, default=2)
+    bench.add_argument("--compile", action="store_true",
+                       help="torch.compile the wake step and the sleep passes first (the "
+                            "warm-up compiles; eager where compiling fails)")
     bench.add_argument("--decode", type=_positive_int, default=None,
                        help="decode steps timed (default: 4 windows and one token, so the "
                             "figures include 4 boundary stalls)")

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from archkit.blocks.common import Block, EvictionPolicy, RMSNorm
 from archkit.blocks.mlp import SwiGLU
+from archkit.compiled import CompiledOrEager
 from archkit.registry import BLOCKS
 from archkit.spec import LayerSpec, ModelSpec
 
@@ -68,6 +69,8 @@ class HybridModel(nn.Module):
         if spec.tie_embeddings:
             self.head.weight = self.embedding.weight
         self.to(DTYPES[spec.dtype])
+        self._compiled_layers: CompiledOrEager | None = None
+        self._compiled_step: CompiledOrEager | None = None
 
     def init_state(self, batch_size: int) -> ModelState:
         return [layer.mixer.init_state(batch_size) for layer in self.layers]
@@ -75,11 +78,22 @@ class HybridModel(nn.Module):
     def embed(self, tokens: Tensor) -> Tensor:
         return self.embedding(tokens)
 
+    def compile_passes(self) -> None:
+        """From now on run windows (``run_layers``) and one-token steps (``step``) through
+        ``torch.compile``, or eagerly where compiling fails (``archkit.compiled``)."""
+        self._compiled_layers = CompiledOrEager(HybridModel._run_layers, "the window passes")
+        self._compiled_step = CompiledOrEager(HybridModel._step, "the wake step")
+
     def run_layers(self, h: Tensor, state: ModelState, layers: range | None = None
                    ) -> tuple[Tensor, ModelState]:
         """Run ``layers`` (default: all) over hidden states ``h`` [B, T, D]."""
+        run = self._compiled_layers or HybridModel._run_layers
+        return run(self, h, state, layers if layers is not None else range(len(self.layers)))
+
+    def _run_layers(self, h: Tensor, state: ModelState, layers: range
+                    ) -> tuple[Tensor, ModelState]:
         state = list(state)
-        for i in layers if layers is not None else range(len(self.layers)):
+        for i in layers:
             h, state[i] = self.layers[i](h, state[i])
         return h, state
 
@@ -96,6 +110,9 @@ class HybridModel(nn.Module):
 
     def step(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
         """Decode one token per sequence: ``token`` [B] -> logits [B, vocab]."""
+        return (self._compiled_step or HybridModel._step)(self, token, state)
+
+    def _step(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
         h = self.embed(token)
         state = list(state)
         for i, layer in enumerate(self.layers):

@@ -239,6 +239,9 @@ class TrainSpec(StrictModel):
     log_every: PositiveInt = 10
     threads: PositiveInt | None = Field(None, description="torch CPU threads (default: all)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = Field(
+        False, description="torch.compile the window passes and the wake step (eager where "
+                           "compiling fails); costs a warm-up of tens of seconds per process")
     curriculum: list[CurriculumStage] = Field(
         default_factory=list, description="stages trained in order before the task itself")
     freeze: FreezeSpec = Field(default_factory=FreezeSpec)

@@ -203,10 +203,10 @@ class TrainState:
         }
 
 
-# Fields that say where a run computes, not what: a resume may change them (a search that
+# Fields that say where and how a run computes, not what: a resume may change them (a search that
 # resumes a trial with another number of workers gives it another thread count). The
 # losses then equal an uninterrupted run's up to floating-point reduction order.
-WHERE_IT_RUNS = ("train.threads", "train.device")
+WHERE_IT_RUNS = ("train.threads", "train.device", "train.compile")
 
 
 def check_run_dir(spec: Spec, run_dir: Path, resume: bool) -> Spec | None:
@@ -226,8 +226,8 @@ def check_run_dir(spec: Spec, run_dir: Path, resume: bool) -> Spec | None:
     if refused:
         raise SpecError("resume", f"the spec differs from the checkpoint's: "
                         f"{describe_changes(refused)}. Only a larger train.steps (it extends "
-                        "the run) and where it runs (train.threads, train.device) may "
-                        "change; resume with the checkpoint's spec or train another run "
+                        "the run) and how it runs (train.threads, train.device, train.compile) "
+                        "may change; resume with the checkpoint's spec or train another run "
                         "under another name", file=run_dir)
     return trained
 
@@ -246,6 +246,8 @@ def restore(spec: Spec, run_dir: Path, trained: Spec | None, device: torch.devic
         schedule_steps = int(saved.get("schedule_steps", trained.train.steps))
     sleeper = SleepingModel.from_spec(spec, pretrained=saved is None).to(device).train()
     freeze_parameters(sleeper.model, spec)
+    if train.compile:
+        sleeper.model.compile_passes()
     optimizers = make_optimizers(sleeper, train)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(
         o, lambda s: lr_factor(s, train, schedule_steps)) for o in optimizers.values()]

@@ -1,64 +1,122 @@
-"""Training throughput against sleep passes N (the paper's Fig. 6b), in one run.
+"""Training throughput of this tree against a baseline commit, eager and compiled, in one run.
 
-Times full optimiser steps (forward through every pass, backward, Muon + AdamW) of the
-spec's model on fresh task batches, after a warm-up, and prints tokens per second per N
-with the ratio to N=1. Consolidation dominates, so cost should grow about linearly in N.
+    python benchmarks/train_throughput.py                 # the table in docs/results.md
+    python benchmarks/train_throughput.py --specs specs/rule110_cpu.yaml --passes 1 2 4 \\
+        --threads 1 --baseline HEAD~3 --no-compile
 
-    python benchmarks/train_throughput.py                   # specs/rule110_cpu.yaml
-    python benchmarks/train_throughput.py --spec specs/depo_cpu.yaml --passes 1 2
+Every cell times full optimiser steps as ``archkit train`` takes them (forward through
+every pass, backward, gradient clipping, Muon + AdamW) on the task's training batches
+from step 0, in a fresh worker process per variant:
+
+    baseline   the ``--baseline`` commit's archkit, checked out with ``git worktree``
+    eager      this tree                      (``train.compile: false``, the default)
+    compiled   this tree with ``train.compile: true``
+
+Workers of one cell run one after another, so a shared machine's drift hits them alike;
+each reports the median of its steps after ``--warmup`` steps, and the warm-up (which
+holds compilation) separately. The same steps see the same batches from the same seed,
+so the largest loss difference against the baseline over those steps checks that the
+numerics are unchanged: float32 noise is ~1e-6 relative, and it grows over steps where
+an optimiser amplifies it. ``train_tokens_per_s`` counts the tokens of a batch once,
+whatever N.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
 
-import torch
+from against_baseline import DEFAULT_BASELINE, ROOT, archkit_folder, baseline_checkout, in_worker
 
-from archkit.sleep import SleepingModel
-from archkit.spec import load_spec
-from archkit.trainer import make_optimizers, require
-
-ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("baseline", "eager", "compiled")
 
 
-def tokens_per_second(spec_path: Path, passes: int, steps: int, warmup: int) -> float:
-    spec = load_spec(spec_path, {"sleep.passes": passes})
-    train_spec, task = require(spec)
-    sleeper = SleepingModel.from_spec(spec).train()
-    optimizers = make_optimizers(sleeper, train_spec)
-    seconds = []
-    for step in range(warmup + steps):
-        batch = task.train_batch(step, train_spec.batch_size, spec.seed)
+def run_worker(spec: str, passes: int, threads: int, steps: int, warmup: int,
+               compile_passes: bool) -> dict[str, object]:
+    """Time ``steps`` optimiser steps of ``spec`` at N = ``passes`` with whichever archkit
+    this process imports; the first ``warmup`` are timed apart."""
+    import torch
+    from torch import nn
+
+    from archkit.sleep import SleepingModel
+    from archkit.spec import load_spec
+    from archkit.trainer import make_optimizers, require
+
+    torch.set_num_threads(threads)
+    spec_obj = load_spec(spec, {"sleep.passes": passes})
+    train, task = require(spec_obj)
+    sleeper = SleepingModel.from_spec(spec_obj).train()
+    if compile_passes:
+        sleeper.model.compile_passes()
+    optimizers = make_optimizers(sleeper, train)
+    seconds, losses = [], []
+    for step in range(steps):
+        batch = task.train_batch(step, train.batch_size, spec_obj.seed)
         start = time.perf_counter()
         out = sleeper(batch.tokens, batch.context_len, batch.loss_mask)
         out.loss.backward()
+        nn.utils.clip_grad_norm_(sleeper.parameters(), train.grad_clip or float("inf"))
         for optimizer in optimizers.values():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        if step >= warmup:
-            seconds.append(time.perf_counter() - start)
-    return batch.tokens.numel() / statistics.median(seconds)
+        seconds.append(time.perf_counter() - start)
+        losses.append(float(out.loss))
+    step_s = statistics.median(seconds[warmup:])
+    return {"train_tokens_per_s": batch.tokens.numel() / step_s, "step_ms": 1e3 * step_s,
+            "warmup_s": sum(seconds[:warmup]), "losses": losses,
+            "archkit": archkit_folder()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--spec", type=Path, default=ROOT / "specs/rule110_cpu.yaml")
-    parser.add_argument("--passes", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per N")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--specs", nargs="+", default=["specs/rule110_cpu.yaml",
+                                                       "specs/gsm_cpu.yaml"])
+    parser.add_argument("--passes", type=int, nargs="+", default=None,
+                        help="N values (default: 1 and 4 for Rule 110, 1 otherwise)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--steps", type=int, default=50, help="steps per worker")
+    parser.add_argument("--warmup", type=int, default=5, help="of which timed apart")
+    parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"{args.spec.name}: median over {args.steps} optimiser steps, {args.threads} threads")
-    print(f"{'N':>3} {'train_tokens_per_s':>18} {'vs N=1':>8} {'1/N':>6}")
-    base = None
-    for n in args.passes:
-        rate = tokens_per_second(args.spec, n, args.steps, args.warmup)
-        base = base or rate
-        print(f"{n:>3} {rate:>18,.0f} {rate / base:>8.2f} {1 / n:>6.2f}")
+    if args.worker:
+        print(json.dumps(run_worker(**json.loads(args.worker))))
+        return
+    variants = [v for v in VARIANTS if not (args.no_compile and v == "compiled")]
+    print(f"median optimiser step after {args.warmup} warm-up steps, {args.steps} steps per "
+          f"worker; baseline = {args.baseline}")
+    print(f"{'spec':<16} {'N':>2} {'thr':>3} " + " ".join(
+        f"{v + ' tok/s':>15}" for v in variants) + f" {'speed-up':>9} {'compiled':>9}"
+        f" {'warm-up s':>10} {'max |dloss|':>12}")
+    with baseline_checkout(args.baseline) as base:
+        for spec in args.specs:
+            passes = args.passes or ([1, 4] if "rule110" in spec else [1])
+            for n in passes:
+                for threads in args.threads:
+                    config = {"spec": spec, "passes": n, "threads": threads,
+                              "steps": args.steps, "warmup": args.warmup}
+                    results = {v: in_worker(__file__, base if v == "baseline" else ROOT,
+                                            {**config, "compile_passes": v == "compiled"})
+                               for v in variants}
+                    print_row(spec, n, threads, results)
+
+
+def print_row(spec: str, passes: int, threads: int, results: dict[str, dict]) -> None:
+    rate = {v: r["train_tokens_per_s"] for v, r in results.items()}
+    base_losses = results["baseline"]["losses"]
+    drift = max(abs(a - b) for r in results.values() if r is not results["baseline"]
+                for a, b in zip(r["losses"], base_losses, strict=True))
+    compiled = results.get("compiled")
+    cells = " ".join(f"{rate[v]:>15,.0f}" for v in results)
+    speedup = f"{rate['eager'] / rate['baseline']:>8.2f}x"
+    vs = f"{compiled['train_tokens_per_s'] / rate['baseline']:>8.2f}x" if compiled else "-"
+    warm = f"{compiled['warmup_s']:>10.1f}" if compiled else "-"
+    print(f"{Path(spec).stem:<16} {passes:>2} {threads:>3} {cells} {speedup} {vs:>9} {warm:>10}"
+          f" {drift:>12.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from archkit.blocks.common import FastWeightState, KVCache, map_state
 from archkit.registry import BLOCKS
@@ -126,3 +127,27 @@ def test_rule_can_be_swapped_with_the_same_projections() -> None:
     y_hebb, s_hebb = block(x, block.init_state(1))
     assert not torch.allclose(s_delta.weights, s_hebb.weights)
     assert not torch.allclose(y_delta, y_hebb)
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+def test_short_conv_is_the_depthwise_convolution_it_replaces(width: int) -> None:
+    """ShortConv sums shifted views instead of calling nn.Conv1d (whose depthwise backward
+    is slow on CPU): outputs, the carried tail and every gradient equal the convolution's,
+    in float64, with a nonzero tail before the window."""
+    from archkit.blocks.fast_weight import ShortConv
+
+    torch.manual_seed(0)
+    conv = ShortConv(6, width).double()
+    x = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    tail = torch.randn(3, width - 1, 6, dtype=torch.float64, requires_grad=True)
+    y, next_tail = conv(x, tail)
+    padded = torch.cat([tail, x], dim=1)
+    expected = F.silu(F.conv1d(padded.transpose(1, 2), conv.conv.weight, groups=6)
+                      ).transpose(1, 2)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(next_tail, padded[:, 5:])
+    upstream = torch.randn_like(y)
+    ours = torch.autograd.grad(y, (x, tail, conv.conv.weight), upstream)
+    theirs = torch.autograd.grad(expected, (x, tail, conv.conv.weight), upstream)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

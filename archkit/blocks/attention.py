@@ -119,9 +119,12 @@ class Attention(Block):
         )
         positions = torch.arange(state.pos, state.pos + length, device=x.device)
         q, k = rotate(q, positions, self.inv_freq), rotate(k, positions, self.inv_freq)
-        keys, values = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
         cached = state.tokens
-        if cached == 0 and state.span is None:
+        keys, values = (k, v) if cached == 0 else (
+            torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2))
+        if state.span is None and length == 1:  # one new query sees every key
+            mask, causal = None, False
+        elif state.span is None and cached == 0:
             mask, causal = None, True
         else:
             query = torch.arange(length, device=x.device)[:, None] + cached

@@ -24,6 +24,7 @@ is local context, zeroed by hard eviction and restored from before the window by
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 import torch
@@ -202,5 +203,21 @@ class ShortConv(nn.Module):
 
     def forward(self, x: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
         padded = torch.cat([tail, x], dim=1)
-        y = self.conv(padded.transpose(1, 2)).transpose(1, 2)
+        # Conv1d correlates: filter tap w meets the input at lag width - 1 - w
+        per_lag = self.conv.weight[:, 0].flip(-1).unbind(-1)
+        y = lagged_sum(padded, per_lag, x.shape[1])
         return F.silu(y), padded[:, padded.shape[1] - (self.width - 1) :]
+
+
+def lagged_sum(padded: Tensor, per_lag: Sequence[Tensor], length: int) -> Tensor:
+    """``y_t = sum_j per_lag[j] * x_{t-j}`` over lags j < W, for the ``length`` inputs that
+    end ``padded`` [B, W-1 + length, ...] (the W-1 before them are the carried tail).
+
+    A sum of shifted views, not ``nn.Conv1d``: a depthwise convolution's backward on CPU
+    runs one small convolution per channel (hundreds of tiny ops per call), and unfold +
+    contraction would materialise W copies of the input for backward."""
+    last = len(per_lag) - 1  # x_t sits at padded[:, last + t]
+    y = padded[:, last:] * per_lag[0]
+    for lag in range(1, len(per_lag)):
+        y = torch.addcmul(y, padded[:, last - lag:last - lag + length], per_lag[lag])
+    return y

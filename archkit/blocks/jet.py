@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from archkit.blocks.fast_weight import lagged_sum
 from archkit.blocks.gated_delta import GatedDelta, GatedDeltaConfig
 from archkit.registry import register_block
 
@@ -70,13 +71,8 @@ class DynamicConv(nn.Module):
         length = x.shape[1]
         kernels = self.generator(x).unflatten(-1, (self.n_heads, self.width))  # [B, T, H, W]
         padded = torch.cat([tail, v], dim=1).unflatten(-1, (self.n_heads, self.head_channels))
-        last = self.width - 1  # v_t sits at padded[:, last + t]
-        # A sum over the W lags of shifted views, not unfold + einsum: the views cost no
-        # copy, while the contraction would materialise W copies of the values for backward.
-        mixed = kernels[..., 0, None] * padded[:, last:]
-        for j in range(1, self.width):
-            mixed = mixed + kernels[..., j, None] * padded[:, last - j:last - j + length]
-        return F.silu(mixed), padded[:, padded.shape[1] - last:].flatten(2)
+        mixed = lagged_sum(padded, kernels[..., None].unbind(-2), length)
+        return F.silu(mixed), padded[:, length:].flatten(2)
 
 
 @register_block("jet", config=JetConfig,

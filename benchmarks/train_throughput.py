@@ -35,9 +35,10 @@ VARIANTS = ("baseline", "eager", "compiled")
 
 
 def run_worker(spec: str, passes: int, threads: int, steps: int, warmup: int,
-               compile_passes: bool) -> dict[str, object]:
+               compile_passes: bool, profile: bool = False) -> dict[str, object]:
     """Time ``steps`` optimiser steps of ``spec`` at N = ``passes`` with whichever archkit
-    this process imports; the first ``warmup`` are timed apart."""
+    this process imports; the first ``warmup`` are timed apart. With ``profile``, the
+    operators' table of the last three steps comes back instead, under ``profile``."""
     import torch
     from torch import nn
 
@@ -53,7 +54,10 @@ def run_worker(spec: str, passes: int, threads: int, steps: int, warmup: int,
         sleeper.model.compile_passes()
     optimizers = make_optimizers(sleeper, train)
     seconds, losses = [], []
+    profiler = torch.profiler.profile()
     for step in range(steps):
+        if profile and step == steps - 3:
+            profiler.start()
         batch = task.train_batch(step, train.batch_size, spec_obj.seed)
         start = time.perf_counter()
         out = sleeper(batch.tokens, batch.context_len, batch.loss_mask)
@@ -64,6 +68,11 @@ def run_worker(spec: str, passes: int, threads: int, steps: int, warmup: int,
             optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - start)
         losses.append(float(out.loss))
+    if profile:
+        profiler.stop()
+        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12,
+                                              max_name_column_width=44)
+        return {"profile": table, "archkit": archkit_folder()}
     step_s = statistics.median(seconds[warmup:])
     return {"train_tokens_per_s": batch.tokens.numel() / step_s, "step_ms": 1e3 * step_s,
             "warmup_s": sum(seconds[:warmup]), "losses": losses,
@@ -81,6 +90,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="of which timed apart")
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the operator profile of three steps per variant instead")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -89,19 +100,26 @@ def main() -> None:
     variants = [v for v in VARIANTS if not (args.no_compile and v == "compiled")]
     print(f"median optimiser step after {args.warmup} warm-up steps, {args.steps} steps per "
           f"worker; baseline = {args.baseline}")
-    print(f"{'spec':<16} {'N':>2} {'thr':>3} " + " ".join(
-        f"{v + ' tok/s':>15}" for v in variants) + f" {'speed-up':>9} {'compiled':>9}"
-        f" {'warm-up s':>10} {'max |dloss|':>12}")
+    if not args.profile:
+        print(f"{'spec':<16} {'N':>2} {'thr':>3} "
+              + " ".join(f"{v + ' tok/s':>15}" for v in variants)
+              + f" {'speed-up':>9} {'compiled':>9} {'warm-up s':>10} {'max |dloss|':>12}")
     with baseline_checkout(args.baseline) as base:
         for spec in args.specs:
             passes = args.passes or ([1, 4] if "rule110" in spec else [1])
             for n in passes:
                 for threads in args.threads:
                     config = {"spec": spec, "passes": n, "threads": threads,
-                              "steps": args.steps, "warmup": args.warmup}
+                              "steps": args.steps, "warmup": args.warmup,
+                              "profile": args.profile}
                     results = {v: in_worker(__file__, base if v == "baseline" else ROOT,
                                             {**config, "compile_passes": v == "compiled"})
                                for v in variants}
+                    if args.profile:
+                        for variant, result in results.items():
+                            print(f"\n{Path(spec).stem}, N = {n}, {threads} thread(s), "
+                                  f"{variant}: three optimiser steps\n{result['profile']}")
+                        continue
                     print_row(spec, n, threads, results)
 
 

@@ -108,7 +108,7 @@ def test_gated_linear_without_beta_means_beta_one():
     assert rel_rmse(o, o1) < 1e-12 and rel_rmse(s, s1) < 1e-12
 
 
-@pytest.mark.parametrize("chunk_size", [4, 16, 128])
+@pytest.mark.parametrize("chunk_size", [4, 16, 64, 128])
 def test_other_chunk_sizes(chunk_size):
     x = make_inputs(37, 24, 40, torch.float64)
     args = [x[n] for n in NAMES[:5]]
@@ -135,6 +135,23 @@ def test_segments_of_chunks(op, key_decay, segment_floats, monkeypatch):
     monkeypatch.setattr(chunk_module, "_SEGMENT", segment_floats)
     x = make_inputs(200, 24, 40, torch.float64, key_decay=key_decay)
     assert_matches(op, x, TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize("segment_floats", [1, 2**19])
+def test_gated_delta_without_autograd(segment_floats, monkeypatch):
+    """Without autograd the chunked delta rule updates its state in place: the same result
+    as with autograd, and the caller's initial state is left as it was."""
+    monkeypatch.setattr(chunk_module, "_SEGMENT", segment_floats)
+    x = make_inputs(200, 24, 40, torch.float64)
+    args = [x[n] for n in NAMES[:5]]
+    initial = x["initial_state"].detach().clone()
+    o, state = chunk_gated_delta_rule(*args, scale=0.3, initial_state=x["initial_state"])
+    with torch.no_grad():
+        o_no_grad, state_no_grad = chunk_gated_delta_rule(*args, scale=0.3,
+                                                          initial_state=x["initial_state"])
+    assert torch.equal(x["initial_state"].detach(), initial)
+    assert rel_rmse(o_no_grad, o.detach()) < 1e-12
+    assert rel_rmse(state_no_grad, state.detach()) < 1e-12
 
 
 @pytest.mark.parametrize(

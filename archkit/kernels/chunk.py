@@ -20,15 +20,32 @@ lower-triangular system::
 
     (I + A) U = diag(β) V - diag(β e^γ) K S_0,        A_tj = β_t Γ_tj k_t·k_j  (j < t)
 
-so ``U = W_v - W_k S_0`` with the WY factors ``W_v = (I + A)^{-1} diag(β) V`` and
-``W_k = (I + A)^{-1} diag(β e^γ) K``. Then::
+Then::
 
     O   = scale (diag(e^γ) Q S_0 + (Q K^T ⊙ Γ) U)
     S_C = e^{γ_C} S_0 + (diag(e^{γ_C - γ}) K)^T U
 
-A does not depend on S_0 (one batched matmul per segment). A GPU kernel would precompute
-W_v and W_k too; on CPU it is cheaper to solve once per chunk with S_0 already in the
-right-hand side: V columns instead of K + V, and no concatenation.
+``chunk_gated_delta_rule`` in numbered steps: (1) γ, e^γ and the other per-token scalars of
+all chunks; (2) per segment of chunks, what does not depend on S_0: Q and K stacked, the
+scores and A (both from one bmm), the row scalings; (3-5) per chunk, [e^γ Q; -β e^γ K] S_0
+in one bmm, U from one triangular solve, O and S_C from one baddbmm each.
+
+What is fastest on CPU (``benchmarks/kernels.py``: B=4, H=4, K=V=64, T=2048, float32):
+
+- C = 32. The products with S cost 6KV FLOPs per token whatever C; the work inside chunks,
+  4CK + 3CV, grows with C, and a smaller C means more and smaller ops in the Python loop.
+  At 1 thread C = 16 and 32 are equally fast (within 5%), C = 8 is ~1.15x and C = 64
+  ~1.3x slower; at 2 threads C = 32 is ~10% faster than 16 (a few % with a backward pass).
+- The solve is right-sided, ``U^T (I + A)^T = R^T`` with A^T contiguous, which MKL's trsm
+  runs 3-4x faster than the left-sided form at C = 16-32 (1.5x at C = 64). Hence the
+  transposed scores: ``K [Q; K]^T`` gives (Q K^T)^T and the symmetric K K^T at once.
+- S_0 goes into the right-hand side: one solve per chunk, V columns. The WY form of GPU
+  kernels, ``U = W_v - W_k S_0`` with ``W_v = (I + A)^{-1} diag(β) V`` and
+  ``W_k = (I + A)^{-1} diag(β e^γ) K`` solved for a whole segment in advance, leaves the
+  loop one op shorter but is 10-30% slower overall (re-measured at C = 16 and 32: the
+  batched solve has K + V columns and W must be assembled). An explicit (I + A)^{-1}, one
+  batched solve against I per segment and a bmm in the loop, is no faster (within 5%).
+- Without autograd the state is updated in place.
 
 **Gated linear rule.** The same with U = diag(β) V: no solve, and each chunk's own
 contribution to the state is known in advance, so the state update is elementwise. With
@@ -103,6 +120,17 @@ def _segment_len(B: int, H: int, C: int, D: int) -> int:
     return max(1, _SEGMENT // (B * H * C * D))
 
 
+def _time_split(x: Tensor, tokens: int) -> tuple[Tensor, ...]:
+    """``[B, T, ...]`` -> views of ``tokens`` consecutive steps. split, not slicing: the
+    backward of a slice fills a zero tensor of x's full size, once per slice."""
+    return x.split(tokens, dim=1)
+
+
+def _heads_first(x: Tensor, C: int) -> Tensor:
+    """``[B, n*C, H, D] -> [n, B, H, C, D]``, a view: chunk n of every sequence and head."""
+    return x.unflatten(1, (-1, C)).permute(1, 0, 3, 2, 4)
+
+
 def chunk_gated_delta_rule(
     q: Tensor,
     k: Tensor,
@@ -111,48 +139,89 @@ def chunk_gated_delta_rule(
     beta: Tensor,
     scale: float,
     initial_state: Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = 32,
 ) -> tuple[Tensor, Tensor]:
-    """Gated delta rule in chunked UT form; returns ``(o [B,T,H,V], S [B,H,K,V])``."""
+    """Gated delta rule in chunked UT form; returns ``(o [B,T,H,V], S [B,H,K,V])``.
+
+    Any ``chunk_size`` gives the same result up to rounding; 32 is the fastest on CPU (see
+    the module docstring).
+    """
     B, T, H, K = k.shape
     V = v.shape[-1]
     C = min(chunk_size, T)  # short inputs: one chunk, no padding work
-    chunks = [_to_chunks(x, C) for x in (q, k, v, g, beta)]
-    S = _initial(initial_state, B * H, K, V, like=chunks[0])
+    N = -(-T // C)
+    if N * C != T:  # zero padding is harmless: a step with k = v = g = beta = 0 keeps S
+        q, k, v = (F.pad(x, (0, 0, 0, 0, 0, N * C - T)) for x in (q, k, v))
+
+    # 1. Per-token scalars of every chunk, [N, B*H, C] (small): log decays, strengths.
+    gam = _to_chunks(g, C).cumsum(-1)
+    beta = _to_chunks(beta, C)
+    e_gam = _exp(gam)
+    row_scale = torch.cat((scale * e_gam, -beta * e_gam), -1)[..., None]  # [s e^γ Q; -β e^γ K]
+    to_end = _exp(gam[..., -1:] - gam)[..., None]  # e^{γ_C - γ}
+    decay_end = _exp(gam[..., -1, None, None])  # e^{γ_C}: [N, BH, 1, 1]
+
+    S = _initial(initial_state, B * H, K, V, like=gam)
+    # Without autograd the state is updated in place: no fresh [B*H, K, V] per chunk.
+    inplace = not (torch.is_grad_enabled() and any(
+        x.requires_grad for x in (q, k, v, g, beta, S)))
+    if inplace and initial_state is not None:
+        S = S.clone()
     outputs: list[Tensor] = []
-    # split, not slicing: the backward of a slice fills a zero tensor of the full size
-    for segment in zip(*(x.split(_segment_len(B, H, C, max(C, K, V))) for x in chunks),
-                       strict=True):
-        S = _delta_segment(*segment, S, scale, outputs)
+    n = _segment_len(B, H, 2 * C, max(K, V))
+    per_chunk = (gam, beta, row_scale, to_end, decay_end)
+    for segment in zip(*(_time_split(x, n * C) for x in (q, k, v)),
+                       *(x.split(n) for x in per_chunk), strict=True):
+        S = _delta_segment(*segment, S, scale, outputs, inplace)
     return _from_chunks(outputs, B, H, T), S.view(B, H, K, V)
 
 
 def _delta_segment(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, S: Tensor, scale: float,
-    outputs: list[Tensor],
+    q: Tensor, k: Tensor, v: Tensor, gam: Tensor, beta: Tensor, row_scale: Tensor,
+    to_end: Tensor, decay_end: Tensor, S: Tensor, scale: float, outputs: list[Tensor],
+    inplace: bool,
 ) -> Tensor:
-    """Consecutive chunks ``[n, B*H, C, *]`` from state S: appends each chunk's output
-    ``[B*H, C, V]`` to ``outputs`` and returns the state after the last chunk."""
-    gam = g.cumsum(-1)  # [n, BH, C]
-    decay = _decay_matrix(gam)
-    k_beta = k * beta[..., None]
-    A = k_beta @ k.mT * decay  # the solve reads only its strictly lower triangle
-    scores = q @ k.mT * decay
-    v_beta = v * beta[..., None]
-    k_beta_decay = k_beta * _exp(gam)[..., None]
-    q_decay = q * (scale * _exp(gam))[..., None]
-    keys_to_end = k * _exp(gam[..., -1:] - gam)[..., None]  # diag(e^{γ_C - γ}) K
-    decay_end = _exp(gam[..., -1, None, None])  # e^{γ_C}: [n, BH, 1, 1]
+    """Consecutive chunks from state S: q, k, v ``[B, n*C, H, *]``, the rest ``[n, B*H, ...]``
+    (see ``chunk_gated_delta_rule``). Appends each chunk's output ``[B*H, C, V]`` to
+    ``outputs`` and returns the state after the last chunk."""
+    n, BH, C = beta.shape
+    B, _, H, K = k.shape
+    V = v.shape[-1]
+    # 2. Q and K of each chunk stacked, [n*BH, 2C, K] (the one copy of q and k), and what
+    #    does not depend on the state: K [Q; K]^T gives (Q K^T)^T and K K^T in one bmm.
+    qk = torch.stack((_heads_first(q, C), _heads_first(k, C)), dim=3).view(n * BH, 2 * C, K)
+    keys = qk.split(C, dim=1)[1]  # split, not slicing (see _time_split)
+    p_t = torch.bmm(keys, qk.mT)
+    kq_t, kk_t = p_t.split(C, dim=2)
+    upper = torch.ones(C, C, dtype=gam.dtype, device=gam.device).triu()
+    decay_t = _masked_exp(gam[..., None, :] - gam[..., :, None], upper).view(n * BH, C, C)
+    scores_t = kq_t * decay_t  # (Q K^T ⊙ Γ)^T
+    # A^T as a tensor of its own: with a strided view of p_t the op ran ~25% slower
+    a_t = kk_t * decay_t * beta.reshape(n * BH, 1, C)
+    keys_to_end = keys * to_end.view(n * BH, C, 1)  # diag(e^{γ_C - γ}) K
+    row_scale = row_scale.view(n * BH, 2 * C, 1)  # [s e^γ Q; -β e^γ K] (autograd keeps qk)
+    qk_scaled = qk.mul_(row_scale) if inplace else qk * row_scale
 
     # unbind, not x[i]: the backward of x[i] writes into a zero tensor of x's full size
     # per chunk (quadratic in T); unbind's backward stacks the chunk gradients once.
-    per_chunk = (v_beta, k_beta_decay, A, q_decay, scores, decay_end, keys_to_end)
-    for v_b, k_bd, a, q_d, sc, d_end, k_end in zip(*(x.unbind() for x in per_chunk), strict=True):
-        u = torch.linalg.solve_triangular(
-            a, torch.baddbmm(v_b, k_bd, S, alpha=-1), upper=False, unitriangular=True
-        )
-        outputs.append(torch.baddbmm(q_d @ S, sc, u, alpha=scale))
-        S = torch.baddbmm(S * d_end, k_end.mT, u)
+    per_chunk = (qk_scaled.view(n, BH, 2 * C, K), beta.view(n, B, H, C, 1), _heads_first(v, C),
+                 scores_t.view(n, BH, C, C).mT, a_t.view(n, BH, C, C),
+                 keys_to_end.view(n, BH, C, K).mT, decay_end)
+    for qk_n, beta_n, v_n, sc, a, k_end_t, d_end in zip(*(x.unbind() for x in per_chunk),
+                                                       strict=True):
+        # 3. [s e^γ Q S_0; -β e^γ K S_0] in one bmm; the lower half plus β V is the
+        #    right-hand side diag(β) V - diag(β e^γ) K S_0 (v read where it lies).
+        qs, ks = torch.bmm(qk_n, S).split(C, dim=1)
+        rhs = torch.addcmul(ks.view(B, H, C, V), beta_n, v_n).view(BH, C, V)
+        # 4. U = (I + A)^{-1} rhs, solved as U^T (I + A)^T = rhs^T
+        u = torch.linalg.solve_triangular(a, rhs.mT, upper=True, left=False,
+                                          unitriangular=True).mT
+        # 5. O = s e^γ Q S_0 + s (Q K^T ⊙ Γ) U;  S_C = e^{γ_C} S_0 + K_end^T U
+        outputs.append(torch.baddbmm(qs, sc, u, alpha=scale))
+        if inplace:
+            S.mul_(d_end).baddbmm_(k_end_t, u)
+        else:
+            S = torch.baddbmm(S * d_end, k_end_t, u)
     return S
 
 

@@ -15,7 +15,7 @@ times forward + backward (gradients w.r.t. q, k, v, g, beta) with ``triton.testi
   installed (beta is folded into v for the linear rule, as fla's simple GLA has none).
 
 TFLOP/s counts the chunked algorithm's matmul FLOPs, per chunk of C tokens and head,
-forward (as in ``benchmarks/kernels.py``)::
+forward (as in ``benchmarks/fast_weight_ops.py``)::
 
     gated delta rule:   4C²K + 3C²V + 6CKV   (A, scores, solve, S-reads and update, output)
     gated linear rule:  2C²(K + V) + 4CKV     (scores, intra output, S-read, state update)

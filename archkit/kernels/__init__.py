@@ -43,7 +43,7 @@ __all__ = [
 Impl = Literal["auto", "reference", "chunk", "triton"]
 IMPLS: tuple[str, ...] = ("auto", "reference", "chunk", "triton")
 # impl="auto" runs the per-token loop up to this many tokens (e.g. one-token decode), where
-# the chunked path's fixed cost dominates; measured with `benchmarks/kernels.py --auto`.
+# the chunked path's fixed cost dominates; measured with `benchmarks/fast_weight_ops.py --auto`.
 AUTO_REFERENCE_MAX_T = 3
 AUTO_REFERENCE_MAX_T_KEY_DECAY = 6  # per-key decay: the chunked scores cost more to set up
 

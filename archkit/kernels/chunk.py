@@ -30,7 +30,7 @@ all chunks; (2) per segment of chunks, what does not depend on S_0: Q and K stac
 scores and A (both from one bmm), the row scalings; (3-5) per chunk, [e^γ Q; -β e^γ K] S_0
 in one bmm, U from one triangular solve, O and S_C from one baddbmm each.
 
-What is fastest on CPU (``benchmarks/kernels.py``: B=4, H=4, K=V=64, T=2048, float32):
+What is fastest on CPU (``benchmarks/fast_weight_ops.py``: B=4, H=4, K=V=64, T=2048, float32):
 
 - C = 32. The products with S cost 6KV FLOPs per token whatever C; the work inside chunks,
   4CK + 3CV, grows with C, and a smaller C means more and smaller ops in the Python loop.

@@ -1,9 +1,9 @@
 """Benchmark the chunked fast-weight ops against the per-token reference on this CPU.
 
-    python benchmarks/kernels.py              # the tables in docs/results.md
-    python benchmarks/kernels.py --quick      # T in {512, 2048}, fewer repeats
-    python benchmarks/kernels.py --threads 1  # torch threads (default 2)
-    python benchmarks/kernels.py --auto       # short T: where impl="auto" should switch
+    python benchmarks/fast_weight_ops.py              # the tables in docs/results.md
+    python benchmarks/fast_weight_ops.py --quick      # T in {512, 2048}, fewer repeats
+    python benchmarks/fast_weight_ops.py --threads 1  # torch threads (default 2)
+    python benchmarks/fast_weight_ops.py --auto       # short T: where impl="auto" should switch
 
 Shapes B=4, H=4, K=V=64, float32; unit-norm keys, beta = sigmoid(N(0,1)),
 g = logsigmoid(U(0,1)) (decay factors 0.5-0.73 per step). Times are medians of repeated
@@ -47,9 +47,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -111,11 +109,6 @@ def inputs(T: int, key_decay: bool = False, grad: bool = False) -> dict[str, tor
 
 def load_fla() -> Callable | None:
     """fla's naive chunked gated delta rule, or None (with a note) when fla is missing."""
-    # fla imports an optional package named `kernels`, which this script would shadow
-    # (python puts the script's folder first on sys.path)
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = sys.path[:]
-    sys.path[:] = [p for p in path if os.path.abspath(p or os.curdir) != here]
     try:
         with warnings.catch_warnings():  # "Triton is not supported on current platform"
             warnings.simplefilter("ignore")
@@ -124,8 +117,6 @@ def load_fla() -> Callable | None:
         print(f"\nfla not importable ({type(error).__name__}: {error}): the fla naive "
               f"columns are left out. Install with: {FLA_INSTALL}")
         return None
-    finally:
-        sys.path[:] = path
 
     def fla(q, k, v, g, beta, impl: str = "fla") -> tuple:  # called like our ops, impl unused
         return naive_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=CHUNK, scale=K**-0.5)

@@ -8,18 +8,37 @@ into a temporary folder, and ``in_worker`` runs the calling script again as a wo
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # the commit before the speed work of issue 16: the "old path" its targets are set against
 DEFAULT_BASELINE = "f3f28ce"
+VARIANTS = ("baseline", "eager", "compiled")
+
+
+def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--baseline REV``, ``--no-compile`` and the hidden ``--worker JSON``."""
+    parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def variants_or_work(args: argparse.Namespace, run_worker: Callable[..., dict]
+                     ) -> list[str] | None:
+    """In a worker (``--worker``): run ``run_worker`` on its config, print the result as
+    JSON and return None. Otherwise the variants to compare."""
+    if args.worker:
+        print(json.dumps(run_worker(**json.loads(args.worker))))
+        return None
+    return [v for v in VARIANTS if not (args.no_compile and v == "compiled")]
 
 
 @contextlib.contextmanager

@@ -26,14 +26,18 @@ whatever N.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
-from against_baseline import DEFAULT_BASELINE, ROOT, archkit_folder, baseline_checkout, in_worker
-
-VARIANTS = ("baseline", "eager", "compiled")
+from against_baseline import (
+    ROOT,
+    add_variant_arguments,
+    archkit_folder,
+    baseline_checkout,
+    in_worker,
+    variants_or_work,
+)
 
 
 def run_worker(spec: str, passes: int, threads: int, steps: int, warmup: int,
@@ -90,16 +94,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=50, help="steps per worker")
     parser.add_argument("--warmup", type=int, default=5, help="of which timed apart")
-    parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision")
-    parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant")
+    add_variant_arguments(parser)
     parser.add_argument("--profile", action="store_true",
                         help="print the operator profile of three steps per variant instead")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(run_worker(**json.loads(args.worker))))
+    variants = variants_or_work(args, run_worker)
+    if variants is None:
         return
-    variants = [v for v in VARIANTS if not (args.no_compile and v == "compiled")]
     print(f"median optimiser step after {args.warmup} warm-up steps, {args.steps} steps per "
           f"worker; baseline = {args.baseline}")
     if not args.profile:

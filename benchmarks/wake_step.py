@@ -21,9 +21,15 @@ import argparse
 import statistics
 import time
 
-from against_baseline import DEFAULT_BASELINE, ROOT, archkit_folder, baseline_checkout, in_worker
+from against_baseline import (
+    ROOT,
+    add_variant_arguments,
+    archkit_folder,
+    baseline_checkout,
+    in_worker,
+    variants_or_work,
+)
 
-VARIANTS = ("baseline", "eager", "compiled")
 SMOLLM2 = "specs/retrofit/smollm2_gsm.yaml"
 
 
@@ -78,16 +84,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--specs", nargs="+", default=["specs/rule110.yaml", SMOLLM2])
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
-    parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision")
-    parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_variant_arguments(parser)
     args = parser.parse_args()
-    if args.worker:
-        import json
-
-        print(json.dumps(run_worker(**json.loads(args.worker))))
+    variants = variants_or_work(args, run_worker)
+    if variants is None:
         return
-    variants = [v for v in VARIANTS if not (args.no_compile and v == "compiled")]
     print(f"wake_ms_per_token at batch 1 (median decode step); baseline = {args.baseline}")
     print(f"{'spec':<14} {'thr':>3} " + " ".join(f"{v + ' ms':>12}" for v in variants)
           + f" {'speed-up':>9} {'compiled':>9} {'weights MB':>10} {'gemv_floor_ms':>13}")

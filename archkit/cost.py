@@ -7,9 +7,21 @@ its matrices, plus its mixing work at window L)::
 
     slept token   sum f_i (layers before the loop) + N sum f_i (loop) + sum f_i (after)
     awake token   sum f_i (all layers) + the head
-    backward      2 x the forward of what gets gradient: everything (backprop full), the
-                  last k passes and what follows (last_k), the awake tokens only (none)
+    backward      awake token: 2 x its forward. Slept token: walking the layers it went
+                  through backwards (after, the graded passes' loop, before), a layer
+                  costs 2 f_i when gradient reaches its output h, and when it reaches only
+                  the state it keeps after eviction, 2 x (2 per multiply-add of the
+                  matrices that write that state + its mixing work); a layer with neither
+                  costs nothing (a slept window's final h is discarded). Graded passes: all
+                  (backprop full), the last k (last_k: nothing before them, and since
+                  each window's state enters them detached, only the last window slept
+                  on gets gradient), none (none)
     recompute     the passes with gradient once more, under sleep.checkpoint
+
+Which matrices write the kept state, and whether a layer keeps any (attention under hard
+eviction keeps none), is found by probing the layer on a short window. A layer whose state
+feeds the next pass is taken to keep it (fast weights do; rewound attention does not, which
+makes the plan high by the attention backward of those passes under sliding eviction).
 
 Activation memory per example is measured, not modelled: each layer reads one window
 (at most 64 tokens) alone on the CPU, in the model's dtype, and the bytes it saves for
@@ -27,9 +39,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from archkit.blocks.common import state_bytes
+from archkit.blocks.common import EvictionPolicy, state_bytes, state_tensors
 from archkit.card import layer_flops_per_token
 from archkit.model import DTYPES, HybridModel
 from archkit.spec import Spec, SpecError
@@ -59,6 +71,58 @@ def activation_bytes_per_token(model: HybridModel, window: int) -> list[float]:
             layer(h, layer.mixer.init_state(1))
         sizes.append(sum(saved.values()) / tokens)
     return sizes
+
+
+@dataclass(frozen=True)
+class StateGradient:
+    """What backward costs a layer, per token, when gradient reaches only the state it
+    keeps after eviction: ``flops`` (0 when it keeps nothing that depends on the window)."""
+
+    flops: float
+
+    @property
+    def kept(self) -> bool:
+        return self.flops > 0
+
+
+@torch.enable_grad()
+def state_gradient(model: HybridModel, layer_index: int, window: int, policy: EvictionPolicy,
+                   keep: int) -> StateGradient:
+    """Probe one layer on a short window from a fresh state: which of its matrices the kept
+    state depends on (autograd reach), so the backward from that state alone is 2 x (2 per
+    multiply-add of those matrices + the mixing work)."""
+    layer = model.layers[layer_index]
+    tokens = min(window, PROBE_TOKENS)
+    h = torch.randn(1, tokens, model.spec.d_model, dtype=DTYPES[model.spec.dtype],
+                    requires_grad=True)
+    _, state = layer(h, layer.mixer.init_state(1))
+    kept = state_tensors(layer.mixer.evict(state, policy, keep))
+    kept = [t for t in kept if t.requires_grad]
+    if not kept:
+        return StateGradient(0.0)
+    matrices = [m.weight for m in layer.modules() if isinstance(m, (nn.Linear, nn.Conv1d))]
+    reached = torch.autograd.grad(sum(t.sum() for t in kept), matrices, allow_unused=True)
+    writing = sum(w.numel() for w, g in zip(matrices, reached, strict=True) if g is not None)
+    return StateGradient(2.0 * (2 * writing + layer.mixer.mixing_flops_per_token(window)))
+
+
+def slept_backward_flops(flops: list[int], kept: list[StateGradient], loop: range,
+                         passes: int, graded_passes: int) -> float:
+    """Backward FLOPs of one slept token (see the module docstring): the layers in reverse
+    order of execution, each costing by what its gradient reaches."""
+    if graded_passes == 0:
+        return 0.0
+    order = list(range(loop.stop, len(flops)))[::-1] + list(loop)[::-1] * graded_passes
+    if graded_passes == passes:
+        order += list(range(loop.start))[::-1]
+    total, output_needed = 0.0, False
+    for i in order:
+        if output_needed:
+            total += 2 * flops[i]
+        else:
+            total += kept[i].flops
+        output_needed = output_needed or kept[i].kept
+    return total
 
 
 @dataclass(frozen=True)
@@ -99,9 +163,15 @@ def cost_plan(model: HybridModel, spec: Spec) -> dict[str, Any]:
     slept_token, awake_token = once + n * looping, once + looping + head
     forward = reading.slept * slept_token + reading.awake * awake_token
     graded_passes = {"full": n, "last_k": min(n, sleep.last_k), "none": 0}[sleep.backprop]
-    graded_slept = (once + graded_passes * looping) if graded_passes else 0
-    backward = 2 * (reading.slept * graded_slept + reading.awake * awake_token)
-    recompute = reading.slept * graded_passes * looping if sleep.checkpoint else 0
+    keep = sleep.window - 1 if sleep.eviction == "sliding" else 0
+    kept = [state_gradient(model, i, sleep.window, sleep.eviction, keep)
+            for i in range(len(model.layers))]
+    # last_k detaches each window's state before its last k passes, so gradient stops at
+    # the last window slept on
+    graded_slept = min(sleep.window, reading.slept) if 0 < graded_passes < n else reading.slept
+    backward = (graded_slept * slept_backward_flops(flops, kept, loop, n, graded_passes)
+                + 2 * reading.awake * awake_token)
+    recompute = graded_slept * graded_passes * looping if sleep.checkpoint else 0
 
     saved_once, saved_loop = split(saved)
     logits = reading.awake * model.head.weight.shape[0] * DTYPES[model.spec.dtype].itemsize

@@ -107,21 +107,26 @@ def test_windowing_is_the_same_either_way_for_rule110_and_depo(path: str) -> Non
     torch.testing.assert_close(outputs[0].logits, outputs[1].logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("sleep", [{}, {"sleep.passes": 3}, {"sleep.passes": 3,
-                                                             "sleep.checkpoint": True},
-                                   {"sleep.passes": 3, "sleep.backprop": "none"}])
-def test_planned_training_flops_match_a_measured_count(sleep: dict) -> None:
-    """The plan counts 2 FLOPs per multiply-add and backward as twice the forward; the
-    chunked fast-weight kernels do up to a quarter more, which the measured count sees."""
-    spec = load_spec(ROOT / "specs/rule110_cpu.yaml", sleep)
+@pytest.mark.parametrize("sleep", [{}, {"sleep.passes": 3},
+                                   {"sleep.passes": 3, "sleep.checkpoint": True},
+                                   {"sleep.passes": 3, "sleep.backprop": "none"},
+                                   {"sleep.passes": 3, "sleep.backprop": "last_k"},
+                                   {"sleep.eviction": "sliding"}])
+@pytest.mark.parametrize("path", ["specs/rule110_cpu.yaml", "specs/depo_cpu.yaml"])
+def test_planned_training_flops_match_a_measured_count(path: str, sleep: dict) -> None:
+    """The plan counts 2 FLOPs per multiply-add and, per slept token, the backward of only
+    what gradient reaches; FlopCounterMode counts the matrix products actually run. It
+    misses the short convolution's shifted-view sums (under 1% here), and the chunked
+    fast-weight kernels do a little more than the plan's mixing work."""
+    spec = load_spec(ROOT / path, sleep)
     torch.manual_seed(0)
     sleeper = SleepingModel.from_spec(spec)
     planned = cost_plan(sleeper.model, spec)["train_flops_per_token"]
-    batch = spec.task.build().train_batch(0, 4)
+    batch = spec.task.build().train_batch(0, 2)
     with FlopCounterMode(display=False) as counter:
         sleeper(batch.tokens, batch.context_len, batch.loss_mask).loss.backward()
     measured = counter.get_total_flops() / batch.tokens.numel()
-    assert 0.7 < planned / measured < 1.05
+    assert 0.95 < planned / measured < 1.05
 
 
 @pytest.mark.parametrize("passes", [1, 3])

@@ -85,15 +85,17 @@ def select_state(take_new: Tensor, new: Any, old: Any) -> Any:
     return dataclasses.replace(new, **changes)
 
 
+def state_tensors(state: Any) -> list[Tensor]:
+    """The tensors of a block state (none for ``None``)."""
+    if state is None:
+        return []
+    return [v for f in dataclasses.fields(state)
+            if isinstance(v := getattr(state, f.name), Tensor)]
+
+
 def state_bytes(state: Any) -> int:
     """Bytes held by the tensors of a block state."""
-    if state is None:
-        return 0
-    return sum(
-        v.numel() * v.element_size()
-        for f in dataclasses.fields(state)
-        if isinstance(v := getattr(state, f.name), Tensor)
-    )
+    return sum(v.numel() * v.element_size() for v in state_tensors(state))
 
 
 class Block(nn.Module):

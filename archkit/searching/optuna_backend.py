@@ -145,6 +145,7 @@ def start_trial(study: optuna.Study, space: SearchSpace, root: Path
             return None
         if used + running >= space.trials():
             return running
+        study.sampler = space.make_sampler(draw=len(trials))
         trial = study.ask()
         params = space.suggest(trial)
         run_dir = trial_dir(root, trial.number)

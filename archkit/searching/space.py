@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import optuna
 from pydantic import AfterValidator, Discriminator, Field, Tag, model_validator
 
@@ -181,7 +182,7 @@ class SearchSpace(StrictModel):
         default_factory=lambda: [Objective(metric="exact"),
                                  Objective(metric="wake_ms_per_token")], min_length=1)
     columns: list[Column] = Field(
-        default_factory=lambda: ["wake_repeat_spread", "params"],
+        default_factory=lambda: ["baseline", "wake_repeat_spread", "params"],
         description="metrics shown beside the objectives in pareto.csv and the front table")
     budget: Budget = Budget()
     sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"
@@ -254,14 +255,20 @@ class SearchSpace(StrictModel):
         return load_spec(self.extends,
                          {**self.overrides(params), "name": name, **threads_override})
 
-    def make_sampler(self) -> optuna.samplers.BaseSampler:
+    def make_sampler(self, draw: int = 0) -> optuna.samplers.BaseSampler:
+        """The space's sampler, seeded by the space's seed and ``draw`` (the number of the
+        trial it is about to propose). Workers are separate processes, each with its own
+        sampler: seeded alike, they would all propose the same first trials (TPE and
+        NSGA-II start with random draws); seeded by trial number, trial n's proposal
+        depends only on the seed and the trials before it, whoever asks."""
+        seed = int(np.random.SeedSequence([self.seed, draw]).generate_state(1)[0])
         if self.sampler == "grid":
-            return BudgetedGridSampler(self.grid(), seed=self.seed)
+            return BudgetedGridSampler(self.grid(), seed=seed)
         if self.sampler == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=self.seed)
+            return optuna.samplers.NSGAIISampler(seed=seed)
         if self.sampler == "random":
-            return optuna.samplers.RandomSampler(seed=self.seed)
-        return optuna.samplers.TPESampler(seed=self.seed)
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed)
 
     def canonical(self) -> str:
         """The space as JSON text; a resumed search must find the same one."""

@@ -384,6 +384,23 @@ def cmd_pareto(args: argparse.Namespace) -> None:
     _print_front(args.run)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from archkit.searching.summary import plot_summary, summarise, summary_markdown
+
+    rows = summarise(args.searches)
+    if not rows:
+        raise SpecError("", "no complete trials in these searches")
+    if args.figure is not None:
+        args.figure.parent.mkdir(parents=True, exist_ok=True)
+        plot_summary(args.searches).savefig(args.figure, dpi=120, bbox_inches="tight")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(summary_markdown(rows))
+    if args.figure is not None:
+        print(f"written: {args.figure}")
+
+
 def pareto_json(root: Path) -> dict[str, Any]:
     """A search's objectives and every trial's record, with ``on_front``."""
     from archkit.searching import load_search
@@ -618,6 +635,14 @@ def build_parser() -> argparse.ArgumentParser:
     pareto.add_argument("--json", action="store_true",
                         help="every trial's record with on_front, as JSON")
     pareto.set_defaults(handler=cmd_pareto)
+
+    compare = commands.add_parser(
+        "compare", help="searches side by side, by task: best exact at equal wake latency")
+    compare.add_argument("searches", type=Path, nargs="+",
+                         help="search directories, e.g. runs/interleave runs/depo_interleave")
+    compare.add_argument("--figure", type=Path, help="also write the figure (PNG) here")
+    compare.add_argument("--json", action="store_true", help="the rows as JSON")
+    compare.set_defaults(handler=cmd_compare)
 
     tasks = commands.add_parser("tasks", help="look at the tasks").add_subparsers(
         dest="tasks_command", required=True, metavar="ACTION")

@@ -147,18 +147,21 @@ def test_hparams_shows_every_trial_beside_training_runs_and_follows_a_growing_se
     assert len(list((root / "front").glob("events.out.tfevents.*"))) >= 2
 
 
-def test_the_front_figure_names_the_search_and_its_trials() -> None:
-    def record(trial: str, exact: float, ms: float) -> dict[str, Any]:
-        return {"trial": trial, "state": "complete", "label": {"passes": 2, "pattern": "GA"},
-                "metrics": {"exact": exact, "wake_ms_per_token": ms}}
+def test_the_front_figure_names_the_search_its_trials_and_chance() -> None:
+    def record(trial: str, head_dim: int, exact: float, ms: float) -> dict[str, Any]:
+        return {"trial": trial, "state": "complete",
+                "params": {"model.blocks.gated_delta.head_dim": head_dim, "sleep.passes": 2},
+                "metrics": {"exact": exact, "wake_ms_per_token": ms, "baseline": 0.25}}
 
-    candidates = [record("0000", 0.9, 2.0), record("0001", 0.5, 3.0)]
+    candidates = [record("0000", 16, 0.9, 2.0), record("0001", 32, 0.5, 3.0)]
     figure = plot_front(candidates, {"0000"}, ["exact", "wake_ms_per_token"],
-                        ["maximize", "minimize"], "sleep_n")
+                        ["maximize", "minimize"], "state_size")
     axes = figure.axes[0]
-    assert axes.get_title().startswith("sleep_n: 2 complete trials, 1 on the front")
+    assert axes.get_title().startswith("state_size: 2 complete trials, 1 on the front")
     labels = {text.get_text() for text in axes.texts}
-    assert labels == {"0000 N=2 GA", "0001 N=2 GA"}
+    assert labels == {"0000 head_dim=16", "0001 head_dim=32"}  # passes is the same for both
+    chance = [line for line in axes.lines if line.get_label() == "chance (baseline)"]
+    assert len(chance) == 1 and list(chance[0].get_ydata()) == [0.25, 0.25]
 
 
 ROOT_SPEC = Path(__file__).resolve().parents[1] / "specs/rule110_cpu.yaml"

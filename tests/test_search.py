@@ -18,9 +18,14 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
+from archkit.card import model_card
+from archkit.cli import main
+from archkit.model import HybridModel
 from archkit.searching import load_space, run_search
 from archkit.searching.optuna_backend import open_study
 from archkit.searching.pareto import front_of, pareto_front
+from archkit.searching.space import SearchSpace
+from archkit.sleep import SleepingModel
 from archkit.spec import SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -332,3 +337,101 @@ def test_every_shipped_space_loads_and_its_first_trial_spec_is_valid(path: Path)
     spec = space.trial_spec(params, "first")
     assert spec.train is not None and spec.train.steps == space.budget.steps
     assert space.trials() >= 1
+    assert spec.task is not None
+    torch.manual_seed(0)
+    sleeper = SleepingModel.from_spec(spec)
+    batch = spec.task.build().train_batch(0, 2)
+    loss = sleeper(batch.tokens, batch.context_len, batch.loss_mask).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def _wake_cost(space: SearchSpace, params: dict) -> tuple[int, int]:
+    spec = space.trial_spec(space.suggest(optuna.trial.FixedTrial(params)), "probe")
+    assert spec.sleep is not None
+    card = model_card(HybridModel(spec.model), spec.sleep.window)
+    return card["flops_per_token"], card["state_bytes_per_sequence"]
+
+
+# sleep_n asks whether N moves wake latency (the paper: it does not): its flat latency
+# axis is its answer, so it is the one space left without a wake-cost axis
+WAKE_COST_CONTROLS = {"sleep_n"}
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "search_spaces").glob("*.yaml")
+                                        if p.stem not in WAKE_COST_CONTROLS),
+                         ids=lambda p: p.stem)
+def test_every_shipped_space_has_an_axis_that_moves_the_wake_cost(path: Path) -> None:
+    """A front of accuracy against wake latency carries information on both axes only if
+    some parameter changes what a wake token costs (FLOPs or the state it reads)."""
+    space = load_space(path)
+    first = {key: values[0] for key, values in space.grid().items()}
+    costs = {_wake_cost(space, {**first, key: value})
+             for key, values in space.grid().items() for value in values}
+    assert len(costs) > 1
+
+
+def test_compare_puts_searches_of_two_tasks_side_by_side_at_equal_latency(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    depo = {"extends": str(ROOT / "specs/depo_cpu.yaml"),
+            "set": {"model.d_model": 32, "model.blocks.gated_delta.head_dim": 16,
+                    "train.batch_size": 8, "train.warmup_steps": 1, "train.eval_every": 2,
+                    "train.eval_size": 16, "train.checkpoint_every": 2}}
+    spaces = [write_space(tmp_path, name="r110", budget={"trials": 2, "steps": 2},
+                          params={"model.pattern": {"choices": ["AG", "AGAG"]}}),
+              write_space(tmp_path, name="r110_heads", budget={"trials": 2, "steps": 2},
+                          params={"model.blocks.gated_delta.head_dim": {"choices": [8, 16]}}),
+              write_space(tmp_path, name="depo", budget={"trials": 2, "steps": 2},
+                          params={"model.pattern": {"choices": ["AG", "GG"]}}, **depo)]
+    for path in spaces:
+        run_search(load_space(path), tmp_path / "runs", workers=1, progress=False)
+    roots = [tmp_path / "runs" / name for name in ("r110", "r110_heads", "depo")]
+    figure = tmp_path / "figures/compare.png"
+    main(["compare", *map(str, roots), "--figure", str(figure), "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["task"], r["search"]) for r in rows] == [
+        ("rule110", "r110"), ("rule110", "r110_heads"), ("depo", "depo")]
+    assert figure.stat().st_size > 0
+
+    by_search = {r["search"]: r for r in rows}
+    records = {root.name: [json.loads(p.read_text())
+                           for p in sorted(root.glob("trials/*/result.json"))]
+               for root in roots}
+    for task, names in (("rule110", ["r110", "r110_heads"]), ("depo", ["depo"])):
+        fastest = [min(records[n], key=lambda r: r["metrics"]["wake_ms_per_token"])
+                   for n in names]
+        budget = (max(r["metrics"]["wake_ms_per_token"] for r in fastest)
+                  * (1 + max(r["metrics"]["wake_repeat_spread"] for r in fastest)))
+        for name in names:
+            row = by_search[name]
+            assert row["task"] == task
+            assert row["latency_budget_ms"] == pytest.approx(budget)
+            within = [r for r in records[name] if r["metrics"]["wake_ms_per_token"] <= budget]
+            assert within and row["at_budget"]["exact"] == max(r["metrics"]["exact"]
+                                                                for r in within)
+            assert row["best"]["exact"] == max(r["metrics"]["exact"] for r in records[name])
+            assert row["chance"] == pytest.approx(
+                sum(r["metrics"]["baseline"] for r in records[name]) / len(records[name]))
+
+    with pytest.raises(SystemExit) as exited:
+        main(["compare", str(tmp_path / "figures")])
+    assert exited.value.code == 2
+    assert "not a search directory" in capsys.readouterr().err
+
+
+def test_workers_do_not_propose_the_same_trial_and_proposals_do_not_depend_on_workers(
+        tmp_path: Path) -> None:
+    """Each worker process has its own sampler; seeded alike, two workers' first random
+    draws were the same trial. Seeded by trial number, they differ, and trial n proposes
+    the same parameters with one worker or two."""
+    params = {"train.lr": {"float": [1.0e-4, 1.0e-2], "log": True}}
+    proposals = {}
+    for workers in (2, 1):
+        space = load_space(write_space(tmp_path, name=f"w{workers}", sampler="tpe",
+                                       params=params, budget={"trials": 2, "steps": 1}))
+        run_search(space, tmp_path / "runs", workers=workers, progress=False)
+        records = [json.loads(p.read_text()) for p in
+                   sorted((tmp_path / f"runs/w{workers}").glob("trials/*/result.json"))]
+        proposals[workers] = [r["params"]["train.lr"] for r in records]
+    assert len(set(proposals[2])) == 2
+    assert proposals[2] == proposals[1]

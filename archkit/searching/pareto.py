@@ -161,11 +161,13 @@ def session_hparams(record: dict[str, Any], search: str) -> dict[str, Any]:
 def plot_front(candidates: list[dict[str, Any]], on_front: set[str], metrics: Sequence[str],
                directions: Sequence[str], search: str) -> Figure:
     """The second objective (x) against the first (y), the front highlighted; each point
-    labelled by its trial id (as in ``pareto.csv``), sleep passes and layer pattern. Wake
-    latency carries the range of its bench repeats."""
+    labelled by its trial id (as in ``pareto.csv``) and the parameters that differ between
+    trials. Wake latency carries the range of its bench repeats; ``exact`` the chance level
+    (the trials' mean ``baseline``) as a dashed line."""
     y_metric, x_metric = metrics[0], metrics[1]
     figure = Figure(figsize=(6.4, 4.4))
     ax = figure.subplots()
+    named_by = varying_params(candidates)
     for group, style in ((False, {"color": "0.65", "label": "dominated"}),
                          (True, {"color": "tab:red", "label": "Pareto front"})):
         members = [r for r in candidates if (r["trial"] in on_front) == group]
@@ -182,9 +184,13 @@ def plot_front(candidates: list[dict[str, Any]], on_front: set[str], metrics: Se
         else:
             ax.scatter(xs, ys, **style)
         for x, y, r in zip(xs, ys, members, strict=True):
-            name = r.get("label", {})
-            text = f"{r['trial']} N={name.get('passes', '?')} {name.get('pattern', '')}".strip()
-            ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            text = " ".join([r["trial"], *(f"{key.rsplit('.', 1)[-1]}={r['params'].get(key)}"
+                                           for key in named_by)])
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    chance = [r["metrics"]["baseline"] for r in candidates if "baseline" in r["metrics"]]
+    if y_metric == "exact" and chance:
+        ax.axhline(sum(chance) / len(chance), color="0.3", linestyle="--", linewidth=1,
+                   label="chance (baseline)")
     front = sorted((r for r in candidates if r["trial"] in on_front),
                    key=lambda r: r["metrics"][x_metric])
     ax.plot([r["metrics"][x_metric] for r in front], [r["metrics"][y_metric] for r in front],

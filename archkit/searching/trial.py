@@ -9,8 +9,8 @@ adaptive controller's sleep cost does, and that figure is then the untrained mod
 
 Every finished trial leaves ``result.json`` in its run directory: its state (complete or
 failed, with the reason), parameters, metrics (``archkit.metrics`` names: the final
-evaluation, the bench figures and the model card's), the latency of each bench repeat, a
-label for plots and the node it ran on (a host name, or a Ray node id).
+evaluation, the bench figures and the model card's), the latency of each bench repeat and
+the node it ran on (a host name, or a Ray node id).
 """
 
 from __future__ import annotations
@@ -111,16 +111,6 @@ def card_metrics(sleeper: SleepingModel, spec: Spec) -> dict[str, float]:
     return {**numbers, "sleep_flops_per_pass": card["sleep"]["sleep_flops_per_pass"]}
 
 
-def label(spec: Spec) -> dict[str, Any]:
-    """What a plot names a trial by: its sleep passes and its layer pattern."""
-    assert spec.sleep is not None
-    letters = {name: name[0].upper() for name in {layer.block for layer in
-                                                  spec.model.resolved_layers}}
-    pattern = spec.model.pattern or "".join(letters[layer.block]
-                                            for layer in spec.model.resolved_layers)
-    return {"passes": spec.sleep.passes, "pattern": pattern}
-
-
 def run_trial(space: SearchSpace, params: dict[str, Any], run_dir: Path, trial_id: str,
               threads: int, verbose: bool = False,
               report: Callable[[dict[str, float], int], None] | None = None,
@@ -139,7 +129,6 @@ def run_trial(space: SearchSpace, params: dict[str, Any], run_dir: Path, trial_i
         spec = space.trial_spec(params, name, threads)
     except SpecError as err:
         return _finish(run_dir, {**record, "state": "failed", "reason": str(err)})
-    record["label"] = label(spec)
     with cpu_slot(slot_key(run_dir.parent.parent), threads):
         latency, per_repeat = measure_latency(spec, threads, space.bench.repeats,
                                               space.bench.decode)

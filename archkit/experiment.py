@@ -1,108 +1,230 @@
-"""Controlled experiments on sleep passes: models that differ only in N, over seeds.
+"""Controlled experiments: arms that differ in any spec field, crossed with a grid over one
+more field and with seeds, reported with intervals and paired differences.
 
-    name: sleep_passes
-    extends: ../specs/depo_cpu.yaml   # the base spec
-    set: {task.max_hops: 4}           # dotted overrides for every run
-    passes: [1, 2, 4]                 # one arm per N
-    seeds: [0, 1, 2]
-    tune_lr: [1.0e-3, 3.0e-3]         # the paper's protocol: pick lr at N=1, reuse for all N
-    equal_compute: true               # an N=1 arm trained N times as many steps, per N > 1
-    eval_passes: [8]                  # test-time sleep: every run also evaluated at these N
-    sleep_rules: [hebbian]            # ablation: the largest N, asleep with another rule
+    name: depth_threshold
+    extends: ../specs/rule110_cpu.yaml   # the base spec
+    set: {train.threads: 1}              # dotted overrides for every run
+    grid: {task.steps: [2, 4, 6]}        # one dotted field: every arm runs at every value
+    passes: [1, 2, 4]                    # shorthand: an arm N<n> per value
+    arms:                                # more arms, each any dotted fields
+      N1_deep: {sleep.passes: 1, model.pattern: AGAG}
+    reference: N1                        # differences are arm - reference (default: first)
+    seeds: [0, 1, 2, 3, 4]
+    equal_compute: true                  # an arm N1x<n>: N = 1 at n x the steps, per n > 1
+    tune_lr: {lr: [1.0e-3, 2.0e-3, 4.0e-3], adamw_lr: [1.0e-3, 4.0e-3]}
+    eval_passes: [8]                     # test-time sleep: every run also evaluated at these N
+    sleep_rules: [hebbian]               # ablation: the largest N, asleep with another rule
+    margin: 0.1                          # t*: the largest grid value an arm solves
+
+How it runs:
+
+1. Learning rates (``tune_lr``; a plain list tunes Muon's ``train.lr`` only): the
+   reference arm at the first grid value and the first seed, scored on a validation set
+   (``train.eval_seed: validation_seed``) that no reported run is evaluated on. Each rate
+   in turn (Muon's, then AdamW's at the chosen Muon rate); a best rate on an edge of its
+   list extends the list by one geometric step beyond it, at most ``widen`` times, so the
+   chosen rate lies inside what was tried unless the report says otherwise.
+2. The arms, group by group (the main arms, then equal compute, then the rule ablation),
+   each group on every seed and grid value before the next starts, so a study cut short
+   has its main comparison complete. Runs of one seed and grid value answer the same
+   held-out questions (the evaluation set depends on the task and the seed only), which is
+   what makes differences between arms paired.
+3. The report (:mod:`archkit.experiment_report`).
 
 Every run is an ordinary training run under ``runs/<name>/runs/<run>``, so TensorBoard and
 ``archkit eval`` work on it, and the experiment resumes: finished runs are kept, an
-interrupted one continues from its checkpoint. ``report.md``, ``report.png`` and
-``summary.json`` aggregate the arms as mean +- standard deviation over seeds.
+interrupted one continues from its checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import statistics
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from matplotlib.figure import Figure
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from archkit.checkpoint import load_run
-from archkit.evaluation import evaluate_run
+from archkit.evaluation import eval_seed, evaluate_run
+from archkit.experiment_report import RunResult, write_report
 from archkit.progress import OverallProgress, Tally, trained_fraction
 from archkit.spec import Spec, SpecError, StrictModel, load_spec, parse_spec
 from archkit.spec_files import read_based_on_spec
 from archkit.trainer import train
 
 PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+RATES = ("lr", "adamw_lr")
+
+
+class TuneLR(StrictModel):
+    """Learning rates to try, each on a validation set of its own."""
+
+    lr: list[PositiveFloat] = Field(min_length=2, description="Muon (or AdamW-only) rates")
+    adamw_lr: list[PositiveFloat] | None = Field(
+        None, min_length=2, description="AdamW rates for the non-matrix parameters")
+    validation_seed: int = Field(
+        999_983, description="evaluation seed of the tuning runs; no reported run's")
+    widen: Annotated[int, Field(ge=0)] = Field(
+        2, description="steps beyond the list's edge at most, per rate")
 
 
 class Experiment(StrictModel):
     name: str
     extends: Path
     set: dict[str, Any] = Field(default_factory=dict)
-    passes: list[PositiveInt] = Field(min_length=1)
+    grid: dict[str, list[Any]] = Field(default_factory=dict, max_length=1)
+    passes: list[PositiveInt] = Field(default_factory=list)
+    arms: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    reference: str | None = None
     seeds: list[int] = Field(min_length=1)
-    tune_lr: list[Annotated[float, Field(gt=0)]] | None = None
+    tune_lr: TuneLR | None = None
     equal_compute: bool = False
     eval_passes: list[PositiveInt] = Field(default_factory=list)
     sleep_rules: list[str] = Field(default_factory=list)
+    margin: Annotated[float, Field(ge=0, le=1)] = 0.1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rate_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("tune_lr"), list):
+            return {**data, "tune_lr": {"lr": data["tune_lr"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Experiment:
+        names = [f"N{n}" for n in self.passes] + list(self.arms)
+        if not names:
+            raise SpecError("arms", "at least one arm: `passes: [...]` or `arms: {name: ...}`")
+        if len(set(names)) < len(names):
+            raise SpecError("arms", "arm names must differ from the N<n> arms of passes",
+                            names)
+        if self.reference is not None and self.reference not in names:
+            raise SpecError("reference", f"one of the arms: {', '.join(names)}",
+                            self.reference)
+        for field, values in self.grid.items():
+            if not values:
+                raise SpecError(f"grid.{field}", "at least one value")
+        return self
+
+    @property
+    def grid_field(self) -> str | None:
+        return next(iter(self.grid), None)
+
+    def cells(self) -> list[Cell]:
+        """The grid's values as cells; one unnamed cell without a grid."""
+        field = self.grid_field
+        if field is None:
+            return [Cell(None, None, "")]
+        leaf = field.rsplit(".", 1)[-1]
+        return [Cell(field, value, f"{leaf}{_slug(value)}") for value in self.grid[field]]
 
     def spec(self, overrides: dict[str, Any], name: str) -> Spec:
         return load_spec(self.extends, {**self.set, **overrides, "name": name})
 
 
 @dataclass(frozen=True)
+class Cell:
+    """One value of the grid field (``field`` None: no grid)."""
+
+    field: str | None
+    value: Any
+    label: str
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        return {} if self.field is None else {self.field: self.value}
+
+    def run_name(self, arm: str, seed: int) -> str:
+        return f"{arm}_{self.label}_s{seed}" if self.label else f"{arm}_s{seed}"
+
+
+@dataclass(frozen=True)
 class Arm:
-    """One configuration trained once per seed."""
+    """One configuration trained once per seed and grid value."""
 
     name: str
     overrides: dict[str, Any]
+
+
+def _slug(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
 
 
 def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
     data = read_based_on_spec(path, "an experiment")
     experiment: Experiment = parse_spec(data, path, Experiment)
-    for arm in arms(experiment, lr=None):
-        try:
-            experiment.spec(arm.overrides, arm.name)
-        except SpecError as err:
-            raise SpecError(f"arm {arm.name}", str(err), file=path) from None
+    reported_eval_seeds = set()
+    for arm in arms(experiment, {}):
+        for cell in experiment.cells():
+            try:
+                spec = experiment.spec({**arm.overrides, **cell.overrides}, arm.name)
+            except SpecError as err:
+                raise SpecError(f"arm {arm.name} {cell.label}".strip(), str(err),
+                                file=path) from None
+            reported_eval_seeds |= {eval_seed(spec.model_copy(update={"seed": seed}))
+                                    for seed in experiment.seeds}
+    tune = experiment.tune_lr
+    if tune is not None and tune.validation_seed in reported_eval_seeds:
+        raise SpecError("tune_lr.validation_seed", "a seed no reported run is evaluated on",
+                        tune.validation_seed, file=path)
     return experiment
 
 
-def arm_groups(experiment: Experiment, lr: float | None) -> list[list[Arm]]:
-    """The arms in the order they run: one per N, then the equal-compute arms, then the
-    sleep-rule ablation. Each group runs on every seed before the next one starts, so a
-    study cut short has the main comparison complete first."""
+def reference_arm(experiment: Experiment) -> str:
+    return experiment.reference or ([f"N{n}" for n in experiment.passes]
+                                    + list(experiment.arms))[0]
+
+
+def arm_groups(experiment: Experiment, rates: dict[str, float]) -> list[list[Arm]]:
+    """The arms in the order they run: the main arms (passes, then ``arms``), then the
+    equal-compute arms, then the sleep-rule ablation; every arm at the tuned ``rates``."""
     base = experiment.spec({}, "base")
-    assert base.train is not None
-    lr_override = {"train.lr": lr} if lr is not None else {}
-    deepest = max(experiment.passes)
+    assert base.train is not None and base.sleep is not None
+    tuned = {f"train.{rate}": value for rate, value in rates.items()}
+    main = [Arm(f"N{n}", {"sleep.passes": n, **tuned}) for n in experiment.passes]
+    main += [Arm(name, {**overrides, **tuned}) for name, overrides in experiment.arms.items()]
+    sleep_passes = sorted({arm.overrides.get("sleep.passes", base.sleep.passes)
+                           for arm in main})
+    deepest = max(sleep_passes)
     return [
-        [Arm(f"N{n}", {"sleep.passes": n, **lr_override}) for n in experiment.passes],
-        [Arm(f"N1x{n}", {"sleep.passes": 1, "train.steps": base.train.steps * n, **lr_override})
-         for n in experiment.passes if n > 1 and experiment.equal_compute],
-        [Arm(f"N{deepest}_{rule}", {"sleep.passes": deepest, "sleep.rule": rule, **lr_override})
+        main,
+        [Arm(f"N1x{n}", {"sleep.passes": 1, "train.steps": base.train.steps * n, **tuned})
+         for n in sleep_passes if n > 1 and experiment.equal_compute],
+        [Arm(f"N{deepest}_{rule}", {"sleep.passes": deepest, "sleep.rule": rule, **tuned})
          for rule in experiment.sleep_rules],
     ]
 
 
-def arms(experiment: Experiment, lr: float | None) -> list[Arm]:
-    return [arm for group in arm_groups(experiment, lr) for arm in group]
+def arms(experiment: Experiment, rates: dict[str, float]) -> list[Arm]:
+    return [arm for group in arm_groups(experiment, rates) for arm in group]
+
+
+def tuning_run_name(rate: str, value: float, seed: int) -> str:
+    return f"tune_{rate}{value:g}_s{seed}"
 
 
 def planned_runs(experiment: Experiment) -> dict[str, int]:
-    """Every run the experiment trains, by name, with its training steps."""
+    """Every run the experiment trains, by name, with its training steps (tuning runs
+    beyond the lists' edges are not known in advance)."""
     base = experiment.spec({}, "base")
     assert base.train is not None
-    runs = {f"lr{lr:g}_N1_s{experiment.seeds[0]}": base.train.steps
-            for lr in experiment.tune_lr or []}
-    for arm in arms(experiment, None):
-        for seed in experiment.seeds:
-            runs[f"{arm.name}_s{seed}"] = arm.overrides.get("train.steps", base.train.steps)
+    tune, seed = experiment.tune_lr, experiment.seeds[0]
+    runs = {}
+    for rate in RATES:
+        for value in (getattr(tune, rate) or []) if tune is not None else []:
+            runs[tuning_run_name(rate, value, seed)] = base.train.steps
+    for arm in arms(experiment, {}):
+        for cell in experiment.cells():
+            for seed in experiment.seeds:
+                runs[cell.run_name(arm.name, seed)] = arm.overrides.get("train.steps",
+                                                                        base.train.steps)
     return runs
 
 
@@ -139,20 +261,59 @@ def run_once(experiment: Experiment, root: Path, name: str, overrides: dict[str,
     return json.loads(final.read_text())
 
 
-def tuned_lr(experiment: Experiment, root: Path, verbose: bool, train_missing: bool = True
-             ) -> float | None:
-    """The learning rate with the best N=1 accuracy on the first seed (ties: the first)."""
-    if not experiment.tune_lr:
-        return None
-    seed = experiment.seeds[0]
-    finals = {lr: run_once(experiment, root, f"lr{lr:g}_N1_s{seed}",
-                           {"sleep.passes": 1, "train.lr": lr, "seed": seed},
-                           verbose, train_missing) for lr in experiment.tune_lr}
-    scores = {lr: final["exact"] for lr, final in finals.items() if final is not None}
-    if len(scores) < len(finals):
-        raise SpecError("tune_lr", "the learning-rate runs at N=1 have not all finished; "
-                        "run the experiment without --report-only first")
-    return max(scores, key=lambda lr: scores[lr])
+def tune_rates(experiment: Experiment, root: Path, verbose: bool, train_missing: bool = True
+               ) -> tuple[dict[str, float], dict[str, Any]]:
+    """The tuned rates ({} without ``tune_lr``) and what was tried: per rate, the
+    validation ``exact`` of every value, the chosen one and whether it is on an edge."""
+    tune = experiment.tune_lr
+    if tune is None:
+        return {}, {}
+    seed, cell = experiment.seeds[0], experiment.cells()[0]
+    reference = next(a for a in arms(experiment, {}) if a.name == reference_arm(experiment))
+    chosen: dict[str, float] = {}
+    tried: dict[str, Any] = {}
+    for rate in RATES:
+        values = sorted(getattr(tune, rate) or [])
+        if not values:
+            continue
+        scores: dict[float, float] = {}
+        widened = 0
+        while True:
+            for value in values:
+                if value in scores:
+                    continue
+                overrides = {**reference.overrides, **cell.overrides, "seed": seed,
+                             "train.eval_seed": tune.validation_seed,
+                             **{f"train.{r}": v for r, v in chosen.items()},
+                             f"train.{rate}": value}
+                final = run_once(experiment, root, tuning_run_name(rate, value, seed),
+                                 overrides, verbose, train_missing)
+                if final is None:
+                    raise SpecError("tune_lr", "the learning-rate runs have not all "
+                                    "finished; run the experiment without --report-only")
+                scores[value] = final["exact"]
+            beyond = beyond_edge(values, scores)
+            if beyond is None or widened == tune.widen:
+                break
+            values = sorted([*values, beyond])
+            widened += 1
+        best = max(values, key=lambda v: scores[v])
+        chosen[rate] = best
+        tried[rate] = {"validation_exact": {f"{v:g}": scores[v] for v in values},
+                       "chosen": best, "at_edge": beyond is not None}
+    return chosen, {"validation_seed": tune.validation_seed, **tried}
+
+
+def beyond_edge(values: list[float], scores: dict[float, float]) -> float | None:
+    """When the best-scoring of ``values`` (sorted; ties go to the smaller rate) is the
+    smallest or the largest, the next rate to try: one geometric step beyond it, the
+    step of its neighbour; None when the best lies inside."""
+    best = max(values, key=lambda v: scores[v])
+    if best == values[0]:
+        return best * values[0] / values[1]
+    if best == values[-1]:
+        return best * values[-1] / values[-2]
+    return None
 
 
 def run_experiment(experiment: Experiment, runs: Path, progress: bool = True,
@@ -170,25 +331,46 @@ def run_experiment(experiment: Experiment, runs: Path, progress: bool = True,
 
 def _run_all(experiment: Experiment, root: Path, runs: Path, train_missing: bool,
              verbose: bool) -> dict[str, Any]:
-    lr = tuned_lr(experiment, root, verbose, train_missing)
-    table: dict[str, list[dict[str, Any]]] = {}
+    rates, tuning = tune_rates(experiment, root, verbose, train_missing)
+    results: list[RunResult] = []
     summary: dict[str, Any] = {}
-    runs_in_order = [(arm, seed) for group in arm_groups(experiment, lr)
-                     for seed in experiment.seeds for arm in group]
-    for arm, seed in runs_in_order:
-        name = f"{arm.name}_s{seed}"
-        final = run_once(experiment, root, name, {**arm.overrides, "seed": seed}, verbose,
-                         train_missing)
-        if final is None:
-            continue
-        row = {"seed": seed, "trained": final}
-        for n in experiment.eval_passes:
-            row[f"eval_N{n}"] = evaluate_at(root / "runs" / name, n)
-        table.setdefault(arm.name, []).append(row)
-        summary = {"experiment": experiment.name, "lr": lr,
-                   "arms": summarise(table, experiment), "baseline": chance_level(table)}
-        write_report(root, summary, experiment, runs)
+    for group in arm_groups(experiment, rates):
+        for seed in experiment.seeds:
+            for cell in experiment.cells():
+                for arm in group:
+                    name = cell.run_name(arm.name, seed)
+                    final = run_once(experiment, root, name,
+                                     {**arm.overrides, **cell.overrides, "seed": seed},
+                                     verbose, train_missing)
+                    if final is None:
+                        continue
+                    run_dir = root / "runs" / name
+                    results.append(RunResult(
+                        arm.name, cell.label, cell.value, seed, final,
+                        {n: evaluate_at(run_dir, n) for n in experiment.eval_passes},
+                        last_evaluated_step(run_dir),
+                        hashlib.sha256((run_dir / "eval_set.json").read_bytes()).hexdigest()))
+                    summary = write_report(root, runs, experiment_header(experiment, rates,
+                                                                         tuning), results)
     return summary
+
+
+def experiment_header(experiment: Experiment, rates: dict[str, float],
+                      tuning: dict[str, Any]) -> dict[str, Any]:
+    """What the report says about the experiment itself."""
+    return {"experiment": experiment.name, "base": experiment.extends.name,
+            "grid_field": experiment.grid_field,
+            "grid": [cell.label for cell in experiment.cells()],
+            "reference": reference_arm(experiment), "margin": experiment.margin,
+            "rates": rates, "tuning": tuning}
+
+
+def last_evaluated_step(run_dir: Path) -> int | None:
+    """The step of the run's last evaluation in ``metrics.jsonl`` (where it stopped)."""
+    path = run_dir / "metrics.jsonl"
+    steps = [record["step"] for line in path.read_text().splitlines() if line.strip()
+             if (record := json.loads(line)).get("kind") == "eval"] if path.exists() else []
+    return steps[-1] if steps else None
 
 
 def evaluate_at(run_dir: Path, passes: int) -> dict[str, float]:
@@ -198,98 +380,3 @@ def evaluate_at(run_dir: Path, passes: int) -> dict[str, float]:
         result = evaluate_run(load_run(run_dir, {"sleep.passes": passes}))
         path.write_text(json.dumps(result.metrics(), indent=2))
     return json.loads(path.read_text())
-
-
-def write_report(root: Path, summary: dict[str, Any], experiment: Experiment, runs: Path
-                 ) -> None:
-    """Rewritten after every run: the report always covers what has finished."""
-    (root / "summary.json").write_text(json.dumps(summary, indent=2))
-    (root / "report.md").write_text(report_markdown(summary, experiment, runs))
-    plot_by_difficulty(summary).savefig(root / "report.png", dpi=120, bbox_inches="tight")
-
-
-def _mean_std(values: list[float]) -> list[float]:
-    return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
-
-
-def summarise(table: dict[str, list[dict[str, Any]]], experiment: Experiment
-              ) -> dict[str, Any]:
-    """Per arm: exact match overall and per difficulty as [mean, std] over seeds, for the
-    trained N and for every test-time N."""
-    arms_summary = {}
-    for arm, rows in table.items():
-        evaluations = {"trained": [r["trained"] for r in rows]}
-        evaluations.update({f"eval_N{n}": [r[f"eval_N{n}"] for r in rows]
-                            for n in experiment.eval_passes})
-        arms_summary[arm] = {
-            where: {key: _mean_std([m[key] for m in metrics])
-                    for key in metrics[0] if (key == "exact" or key.startswith("exact/"))
-                    and all(key in m for m in metrics)}  # a difficulty every seed scored
-            for where, metrics in evaluations.items()
-        }
-        arms_summary[arm]["seeds"] = [r["seed"] for r in rows]
-    return arms_summary
-
-
-def chance_level(table: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
-    """``baseline`` and ``baseline/<d>`` as [mean, std] over the seeds run (the chance
-    level depends on a seed's evaluation set, not on the arm)."""
-    by_seed = {row["seed"]: row["trained"] for rows in table.values() for row in rows}
-    finals = list(by_seed.values())
-    return {key: _mean_std([f[key] for f in finals]) for key in finals[0]
-            if key.startswith("baseline") and all(key in f for f in finals)}
-
-
-def report_markdown(summary: dict[str, Any], experiment: Experiment, runs: Path) -> str:
-    arms_summary = summary["arms"]
-    first = next(iter(arms_summary.values()))["trained"]
-    difficulties = sorted((k for k in first if k != "exact"), key=lambda k: int(k.split("/")[1]))
-    head = ["arm", "seeds", "exact", *difficulties]
-    lines = [f"Experiment `{experiment.name}` (base `{experiment.extends.name}`, "
-             f"lr {summary['lr'] if summary['lr'] is not None else 'from the spec'}); "
-             "`exact` (held-out exact match), mean +- std over seeds; the last row is "
-             "the chance level (`baseline`, the best constant answers) on the same sets. "
-             f"Runs: `{runs / experiment.name}/runs`.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    def cells(metrics: dict[str, list[float]], prefix: str) -> str:
-        return " | ".join(f"{metrics[k][0]:.3f} +- {metrics[k][1]:.3f}" if k in metrics else "-"
-                          for k in [prefix, *(f"{prefix}/{d.split('/')[1]}"
-                                              for d in difficulties)])
-
-    for arm, result in arms_summary.items():
-        for where, metrics in result.items():
-            if where == "seeds":
-                continue
-            label = arm if where == "trained" else f"{arm} at test N={where[6:]}"
-            lines.append(f"| {label} | {len(result['seeds'])} | {cells(metrics, 'exact')} |")
-    chance = summary.get("baseline", {})
-    if chance:
-        seeds = len({s for r in arms_summary.values() for s in r["seeds"]})
-        lines.append(f"| chance (`baseline`) | {seeds} | {cells(chance, 'baseline')} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_by_difficulty(summary: dict[str, Any]) -> Figure:
-    """Exact match against difficulty, one line per arm, error bars one std over seeds."""
-    figure = Figure(figsize=(6.4, 4.4))
-    ax = figure.subplots()
-    count = len(summary["arms"])
-    for i, (arm, result) in enumerate(summary["arms"].items()):
-        trained = result["trained"]
-        keys = sorted((k for k in trained if k != "exact"), key=lambda k: int(k.split("/")[1]))
-        dodge = (i - (count - 1) / 2) * 0.08  # side by side, so error bars stay readable
-        xs = [int(k.split("/")[1]) + dodge for k in keys]
-        ax.errorbar(xs, [trained[k][0] for k in keys], yerr=[trained[k][1] for k in keys],
-                    marker="o", capsize=3, label=f"{arm} ({len(result['seeds'])} seeds)")
-    chance = summary.get("baseline", {})
-    keys = sorted((k for k in chance if k != "baseline"), key=lambda k: int(k.split("/")[1]))
-    if keys:
-        ax.plot([int(k.split("/")[1]) for k in keys], [chance[k][0] for k in keys],
-                linestyle="--", color="grey", marker="_", label="chance (baseline)")
-    ax.set_xlabel("difficulty")
-    ax.set_ylabel("exact (held out)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(summary["experiment"])
-    return figure

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from archkit.errors import SpecError
+from archkit.metrics import UnknownMetric, lookup
 from archkit.pretrained.retrofit import PretrainedSpec, plan_layers
 from archkit.pretrained.source import PretrainedError, read_shape
 from archkit.registry import BLOCKS, RULES, SLEEP_CONTROLLERS, TASKS, Registry, RegistryError
@@ -200,6 +201,39 @@ class CurriculumStage(StrictModel):
     task: dict[str, Any] = Field(description="task settings for these steps, over `task:`")
 
 
+class StopRule(StrictModel):
+    """Stop once ``metric`` (an evaluation metric) has not beaten its best value before the
+    last ``plateau_evals`` evaluations by more than ``min_delta`` in any of them;
+    ``train.steps`` stays the cap. A run that stops so has left "did not learn" apart from
+    "stopped early": it had ``plateau_evals`` evaluations to improve."""
+
+    metric: str = "exact"
+    plateau_evals: PositiveInt = 3
+    min_delta: Annotated[float, Field(ge=0)] = 0.0
+
+    @model_validator(mode="after")
+    def _evaluation_metric(self) -> StopRule:
+        try:
+            metric = lookup(self.metric)
+        except UnknownMetric as err:
+            raise SpecError("train.until.metric", str(err), self.metric) from None
+        if "evaluation" not in metric.sources or metric.direction not in ("maximize",
+                                                                          "minimize"):
+            raise SpecError("train.until.metric", "a metric the evaluation records that is "
+                            "maximised or minimised, e.g. exact or loss", self.metric)
+        return self
+
+    def improved(self, history: list[float]) -> bool:
+        """Whether the last ``plateau_evals`` values of ``history`` (one per evaluation,
+        oldest first) beat the best before them; True until there are enough values."""
+        if len(history) <= self.plateau_evals:
+            return True
+        before, recent = history[:-self.plateau_evals], history[-self.plateau_evals:]
+        if lookup(self.metric).direction == "maximize":
+            return max(recent) - max(before) > self.min_delta
+        return min(before) - min(recent) > self.min_delta
+
+
 class FreezeSpec(StrictModel):
     """Parameter groups that keep their initial values (no gradient, no optimiser)."""
 
@@ -235,6 +269,9 @@ class TrainSpec(StrictModel):
                           "answers from (archkit/tasks/baseline.py)")
     target_exact: Annotated[float, Field(gt=0, le=1)] | None = Field(
         None, description="stop early once the evaluation's `exact` reaches this")
+    until: StopRule | None = Field(
+        None, description="stop once an evaluation metric stops improving (a plateau); "
+                          "train.steps caps the run")
     checkpoint_every: PositiveInt = 200
     log_every: PositiveInt = 10
     threads: PositiveInt | None = Field(None, description="torch CPU threads (default: all)")

@@ -351,6 +351,18 @@ def due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
+def evaluations_so_far(run_dir: Path, metric: str, step: int) -> list[float]:
+    """``metric`` at each evaluation ``metrics.jsonl`` records up to ``step`` (a resumed
+    run's stopping rule continues from them; records past the checkpoint are dropped, as
+    training repeats those steps)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [r[metric] for r in records
+            if r.get("kind") == "eval" and r["step"] <= step and metric in r]
+
+
 def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True,
           on_step: Callable[[int, float, SleepingModel], None] | None = None,
           on_eval: Callable[[int, Evaluation], None] | None = None, log_hparams: bool = True,
@@ -411,6 +423,8 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
         return TrainResult(run_dir, state.losses, None, interrupted=True)
 
     last_eval: tuple[int, Evaluation] | None = None
+    until = train_spec.until
+    history = [] if until is None else evaluations_so_far(run_dir, until.metric, state.step)
     with StopRequest() as stop:
         try:
             while state.step < train_spec.steps:
@@ -428,7 +442,10 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
                 if due(state.step, train_spec.eval_every, train_spec.steps):
                     last_eval = evaluate_now()
                     target = train_spec.target_exact
-                    if target and last_eval[1].score.overall.exact >= target:
+                    if until is not None:
+                        history.append(last_eval[1].metrics()[until.metric])
+                    reached = target and last_eval[1].score.overall.exact >= target
+                    if reached or (until is not None and not until.improved(history)):
                         checkpoint()
                         break
                 if due(state.step, train_spec.checkpoint_every, train_spec.steps):

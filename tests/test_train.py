@@ -22,7 +22,7 @@ from archkit.checkpoint import load_run, load_trainer_state
 from archkit.evaluation import evaluate_run
 from archkit.model import HybridModel
 from archkit.sleep import SleepingModel
-from archkit.spec import Spec, SpecError, load_spec
+from archkit.spec import Spec, SpecError, StopRule, load_spec
 from archkit.trainer import TrainingDiverged, make_optimizers, split_parameters, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,6 +156,42 @@ def test_training_stops_at_the_first_evaluation_that_reaches_target_exact(
     assert result.final is not None
     assert load_run(tmp_path / "r").final == result.final.metrics()
     assert load_trainer_state(tmp_path / "r")["step"] == 6
+
+
+def test_the_stopping_rule_sees_a_plateau_in_either_direction() -> None:
+    exact = StopRule(metric="exact", plateau_evals=2, min_delta=0.01)
+    assert exact.improved([0.1, 0.2])  # too few evaluations to judge
+    assert exact.improved([0.1, 0.2, 0.2, 0.3])
+    assert not exact.improved([0.1, 0.5, 0.505, 0.3])  # +0.005 is not more than min_delta
+    loss = StopRule(metric="loss", plateau_evals=1)
+    assert loss.improved([2.0, 1.0]) and not loss.improved([2.0, 1.0, 1.0])
+    with pytest.raises(SpecError, match="evaluation records"):
+        StopRule(metric="wake_ms_per_token")
+    with pytest.raises(SpecError, match="exact"):
+        StopRule(metric="exakt")
+
+
+def test_training_stops_on_a_plateau_and_resumes_with_its_history(tmp_path: Path) -> None:
+    """min_delta 1 cannot be beaten, so the run stops at the first evaluation after
+    plateau_evals more than the first: step 3 x eval_every of a 40-step cap."""
+    every = TINY["train.eval_every"]
+    rule = {"train.until": {"metric": "exact", "plateau_evals": 2, "min_delta": 1.0},
+            "train.steps": 40, "train.checkpoint_every": every}
+    result = train(tiny_spec(**rule), tmp_path / "r", progress=False)
+    assert len(result.losses) == 3 * every and result.final is not None
+    assert load_trainer_state(tmp_path / "r")["step"] == 3 * every
+
+    def stop_after_the_first_evaluation(step: int, loss: float, model: SleepingModel) -> None:
+        if step == every:  # step index every: the evaluation at step `every` has run
+            raise KeyboardInterrupt
+
+    half = train(tiny_spec(**rule), tmp_path / "h", progress=False,
+                 on_step=stop_after_the_first_evaluation)
+    assert half.interrupted
+    resumed = train(tiny_spec(**rule), tmp_path / "h", resume=True, progress=False)
+    # the evaluation before the interruption counts: stopped at the same step
+    assert load_trainer_state(tmp_path / "h")["step"] == 3 * every
+    assert resumed.final is not None
 
 
 @pytest.fixture

@@ -374,12 +374,15 @@ def cmd_studies(args: argparse.Namespace) -> None:
 
 def cmd_pareto(args: argparse.Namespace) -> None:
     from archkit.searching import load_search
-    from archkit.searching.pareto import write_reports
+    from archkit.searching.pareto import front_markdown, write_reports
 
     space, results = load_search(args.run)
     write_reports(args.run, results, space)
     if args.json:
         print(json.dumps(pareto_json(args.run), indent=2))
+        return
+    if args.markdown:
+        print(front_markdown(results, space))
         return
     _print_front(args.run)
 
@@ -634,6 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     pareto.add_argument("run", type=Path, help="a search directory, e.g. runs/sleep_n")
     pareto.add_argument("--json", action="store_true",
                         help="every trial's record with on_front, as JSON")
+    pareto.add_argument("--markdown", action="store_true",
+                        help="every complete trial as a Markdown table, chance beside exact")
     pareto.set_defaults(handler=cmd_pareto)
 
     compare = commands.add_parser(

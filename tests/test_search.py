@@ -23,7 +23,7 @@ from archkit.cli import main
 from archkit.model import HybridModel
 from archkit.searching import load_space, run_search
 from archkit.searching.optuna_backend import open_study
-from archkit.searching.pareto import front_of, pareto_front
+from archkit.searching.pareto import front_markdown, front_of, pareto_front
 from archkit.searching.space import SearchSpace
 from archkit.sleep import SleepingModel
 from archkit.spec import SpecError
@@ -435,3 +435,24 @@ def test_workers_do_not_propose_the_same_trial_and_proposals_do_not_depend_on_wo
         proposals[workers] = [r["params"]["train.lr"] for r in records]
     assert len(set(proposals[2])) == 2
     assert proposals[2] == proposals[1]
+
+
+def test_the_markdown_front_puts_chance_beside_exact_and_the_repeat_range(
+        tmp_path: Path) -> None:
+    space = load_space(write_space(tmp_path))
+
+    def record(trial: str, heads: int, exact: float, ms: list[float]) -> dict:
+        return {"trial": trial, "state": "complete", "params": {"model.n_heads": heads},
+                "metrics": {"exact": exact, "exact/1": exact, "baseline": 0.33,
+                            "wake_ms_per_token": sorted(ms)[1]},
+                "wake_ms_per_token_repeats": ms}
+
+    results = [record("0001", 2, 0.5, [1.0, 1.2, 1.1]), record("0000", 4, 0.9, [2.0, 2.2, 2.1]),
+               record("0002", 2, 0.4, [1.5, 1.6, 1.7]),
+               {"trial": "0003", "state": "failed", "params": {}, "metrics": {}}]
+    lines = front_markdown(results, space).splitlines()
+    assert lines[0] == ("| trial | n_heads | exact | baseline | exact/1 | wake_ms_per_token "
+                        "| on_front |")
+    assert lines[2] == "| 0000 | 4 | 0.9 | 0.33 | 0.9 | 2.1 (2-2.2) | yes |"
+    assert lines[3].endswith("| 1.1 (1-1.2) | yes |") and lines[4].endswith("| no |")
+    assert len(lines) == 5  # the failed trial is not a row

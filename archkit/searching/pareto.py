@@ -79,6 +79,37 @@ def front_table(results: list[dict[str, Any]], space: SearchSpace, title: str) -
     return table
 
 
+def front_markdown(results: list[dict[str, Any]], space: SearchSpace) -> str:
+    """Every complete trial as a Markdown table, in trial order: the parameters that vary,
+    the objectives (``exact`` followed by its chance level ``baseline`` and ``exact`` per
+    difficulty, wake latency with the range of its bench repeats) and whether the trial
+    is on the front."""
+    candidates = competing(results, space.metrics)
+    on_front = {r["trial"] for r in front_of(results, space.metrics, space.directions)}
+    params = varying_params(candidates) if candidates else []
+    shown = list(space.metrics)
+    if "exact" in shown and candidates:
+        by_difficulty = sorted((k for k in candidates[0]["metrics"] if k.startswith("exact/")
+                                and all(k in r["metrics"] for r in candidates)),
+                               key=lambda k: k.split("/", 1)[1].zfill(8))
+        at = shown.index("exact") + 1
+        shown[at:at] = ["baseline", *by_difficulty]
+    head = ["trial", *(k.rsplit(".", 1)[-1] for k in params), *shown, "on_front"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in sorted(candidates, key=lambda r: r["trial"]):
+        cells = [r["trial"], *(_fmt(r["params"].get(k)) for k in params)]
+        for metric in shown:
+            value = _fmt(r["metrics"].get(metric, "-"))
+            repeats = r.get("wake_ms_per_token_repeats") if metric == "wake_ms_per_token" \
+                else None
+            if repeats:
+                value += f" ({min(repeats):.3g}-{max(repeats):.3g})"
+            cells.append(value)
+        cells.append("yes" if r["trial"] in on_front else "no")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

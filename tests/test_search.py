@@ -423,18 +423,27 @@ def test_workers_do_not_propose_the_same_trial_and_proposals_do_not_depend_on_wo
         tmp_path: Path) -> None:
     """Each worker process has its own sampler; seeded alike, two workers' first random
     draws were the same trial. Seeded by trial number, they differ, and trial n proposes
-    the same parameters with one worker or two."""
+    what a sampler seeded for n proposes, whichever worker asks."""
     params = {"train.lr": {"float": [1.0e-4, 1.0e-2], "log": True}}
-    proposals = {}
-    for workers in (2, 1):
-        space = load_space(write_space(tmp_path, name=f"w{workers}", sampler="tpe",
-                                       params=params, budget={"trials": 2, "steps": 1}))
-        run_search(space, tmp_path / "runs", workers=workers, progress=False)
-        records = [json.loads(p.read_text()) for p in
-                   sorted((tmp_path / f"runs/w{workers}").glob("trials/*/result.json"))]
-        proposals[workers] = [r["params"]["train.lr"] for r in records]
-    assert len(set(proposals[2])) == 2
-    assert proposals[2] == proposals[1]
+    space = load_space(write_space(tmp_path, name="two", sampler="tpe", params=params,
+                                   budget={"trials": 2, "steps": 1}))
+    run_search(space, tmp_path / "runs", workers=2, progress=False)
+    proposed = [json.loads(p.read_text())["params"]["train.lr"]
+                for p in sorted((tmp_path / "runs/two").glob("trials/*/result.json"))]
+    alone = []
+    for number in range(2):  # TPE's first trials are random draws: history does not matter
+        study = optuna.create_study(sampler=space.make_sampler(draw=number),
+                                    directions=space.directions)
+        alone.append(space.suggest(study.ask())["train.lr"])
+    assert len(set(proposed)) == 2
+    assert proposed == pytest.approx(alone)
+    # the grid sampler gives trial n the n-th point of one shuffle: every worker's alike
+    grid = load_space(write_space(tmp_path, name="subset", budget={"trials": 3, "steps": 1},
+                                  params={"model.n_heads": {"choices": [1, 2, 4, 8]}}))
+    run_search(grid, tmp_path / "runs", workers=2, progress=False)
+    heads = [json.loads(p.read_text())["params"]["model.n_heads"]
+             for p in (tmp_path / "runs/subset").glob("trials/*/result.json")]
+    assert len(heads) == 3 and len(set(heads)) == 3
 
 
 def test_the_markdown_front_puts_chance_beside_exact_and_the_repeat_range(

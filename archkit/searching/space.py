@@ -256,14 +256,16 @@ class SearchSpace(StrictModel):
                          {**self.overrides(params), "name": name, **threads_override})
 
     def make_sampler(self, draw: int = 0) -> optuna.samplers.BaseSampler:
-        """The space's sampler, seeded by the space's seed and ``draw`` (the number of the
-        trial it is about to propose). Workers are separate processes, each with its own
-        sampler: seeded alike, they would all propose the same first trials (TPE and
-        NSGA-II start with random draws); seeded by trial number, trial n's proposal
-        depends only on the seed and the trials before it, whoever asks."""
-        seed = int(np.random.SeedSequence([self.seed, draw]).generate_state(1)[0])
+        """The space's sampler for proposing trial number ``draw``. Workers are separate
+        processes, each with its own sampler: seeded alike, they would all propose the same
+        first trials (TPE, NSGA-II and random start with random draws), so those are seeded
+        by the space's seed and ``draw``, and trial n's proposal depends only on the seed and
+        the trials before it, whoever asks. The grid sampler keeps the space's seed: it
+        shuffles the grid once with it and gives trial n the n-th point, so every worker
+        must shuffle alike."""
         if self.sampler == "grid":
-            return BudgetedGridSampler(self.grid(), seed=seed)
+            return BudgetedGridSampler(self.grid(), seed=self.seed)
+        seed = int(np.random.SeedSequence([self.seed, draw]).generate_state(1)[0])
         if self.sampler == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=seed)
         if self.sampler == "random":

@@ -23,7 +23,7 @@ from archkit.cli import main
 from archkit.model import HybridModel
 from archkit.searching import load_space, run_search
 from archkit.searching.optuna_backend import open_study
-from archkit.searching.pareto import front_markdown, front_of, pareto_front
+from archkit.searching.pareto import front_markdown, front_of, pareto_front, short_names
 from archkit.searching.space import SearchSpace
 from archkit.sleep import SleepingModel
 from archkit.spec import SpecError
@@ -465,3 +465,12 @@ def test_the_markdown_front_puts_chance_beside_exact_and_the_repeat_range(
     assert lines[2] == "| 0000 | 4 | 0.9 | 0.33 | 0.9 | 2.1 (2-2.2) | yes |"
     assert lines[3].endswith("| 1.1 (1-1.2) | yes |") and lines[4].endswith("| no |")
     assert len(lines) == 5  # the failed trial is not a row
+
+
+def test_parameters_are_named_by_their_shortest_unambiguous_suffix() -> None:
+    keys = ["sleep.rule", "model.blocks.gated_delta.rule", "model.blocks.gated_delta.head_dim",
+            "model.subrule"]
+    assert short_names(keys) == {"sleep.rule": "sleep.rule",
+                                 "model.blocks.gated_delta.rule": "gated_delta.rule",
+                                 "model.blocks.gated_delta.head_dim": "head_dim",
+                                 "model.subrule": "subrule"}

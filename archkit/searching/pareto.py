@@ -59,6 +59,22 @@ def front_of(results: list[dict[str, Any]], metrics: Sequence[str], directions: 
     return [candidates[i] for i in pareto_front(points, directions)]
 
 
+def short_names(keys: Sequence[str]) -> dict[str, str]:
+    """Each dotted key by its shortest dotted suffix that no other key shares
+    (``sleep.rule`` and ``model.blocks.gated_delta.rule`` -> ``sleep.rule``,
+    ``gated_delta.rule``; a key alone -> its last part)."""
+    names = {}
+    for key in keys:
+        parts = key.split(".")
+        for size in range(1, len(parts) + 1):
+            name = ".".join(parts[-size:])
+            if not any(other != key and (other == name or other.endswith("." + name))
+                       for other in keys):
+                break
+        names[key] = name
+    return names
+
+
 def varying_params(results: list[dict[str, Any]]) -> list[str]:
     """The parameters whose values differ between the given trials."""
     keys = sorted({k for r in results for k in r["params"]})
@@ -94,7 +110,7 @@ def front_markdown(results: list[dict[str, Any]], space: SearchSpace) -> str:
                                key=lambda k: k.split("/", 1)[1].zfill(8))
         at = shown.index("exact") + 1
         shown[at:at] = ["baseline", *by_difficulty]
-    head = ["trial", *(k.rsplit(".", 1)[-1] for k in params), *shown, "on_front"]
+    head = ["trial", *short_names(params).values(), *shown, "on_front"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in sorted(candidates, key=lambda r: r["trial"]):
         cells = [r["trial"], *(_fmt(r["params"].get(k)) for k in params)]
@@ -198,7 +214,7 @@ def plot_front(candidates: list[dict[str, Any]], on_front: set[str], metrics: Se
     y_metric, x_metric = metrics[0], metrics[1]
     figure = Figure(figsize=(6.4, 4.4))
     ax = figure.subplots()
-    named_by = varying_params(candidates)
+    named_by = short_names(varying_params(candidates))
     for group, style in ((False, {"color": "0.65", "label": "dominated"}),
                          (True, {"color": "tab:red", "label": "Pareto front"})):
         members = [r for r in candidates if (r["trial"] in on_front) == group]
@@ -215,8 +231,8 @@ def plot_front(candidates: list[dict[str, Any]], on_front: set[str], metrics: Se
         else:
             ax.scatter(xs, ys, **style)
         for x, y, r in zip(xs, ys, members, strict=True):
-            text = " ".join([r["trial"], *(f"{key.rsplit('.', 1)[-1]}={r['params'].get(key)}"
-                                           for key in named_by)])
+            text = " ".join([r["trial"], *(f"{name}={r['params'].get(key)}"
+                                           for key, name in named_by.items())])
             ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     chance = [r["metrics"]["baseline"] for r in candidates if "baseline" in r["metrics"]]
     if y_metric == "exact" and chance:

@@ -24,7 +24,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from archkit.searching.pareto import competing, front_of, varying_params
+from archkit.searching.pareto import competing, front_of, short_names, varying_params
 from archkit.searching.run import load_search
 from archkit.searching.space import SearchSpace
 
@@ -110,8 +110,8 @@ def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _params(point: dict[str, Any]) -> str:
-    return ", ".join(f"{key.rsplit('.', 1)[-1]}={value}"
-                     for key, value in point["params"].items())
+    names = short_names(list(point["params"]))
+    return ", ".join(f"{names[key]}={value}" for key, value in point["params"].items())
 
 
 def plot_summary(roots: Sequence[Path]) -> Figure:

@@ -8,7 +8,7 @@ and a trial is not left out by bench noise alone. Each search then reports
 
 1. its best ``exact`` among the trials within the budget (the point compared across
    searches: equal wake latency),
-2. its best ``exact`` overall and that trial's wake latency,
+2. its best ``exact`` overall and that trial's wake latency (ties: the faster trial),
 3. the chance level (the trials' mean ``baseline``), so every accuracy sits beside it.
 
 The figure has one panel per task: ``exact`` minus chance against wake latency, one
@@ -76,8 +76,7 @@ def summarise(roots: Sequence[Path]) -> list[dict[str, Any]]:
         for search in same_task:
             within = [r for r in search.trials
                       if r["metrics"]["wake_ms_per_token"] <= budget]
-            at_budget = max(within, key=lambda r: r["metrics"]["exact"])
-            best = max(search.trials, key=lambda r: r["metrics"]["exact"])
+            at_budget, best = max(within, key=_rank), max(search.trials, key=_rank)
             axes = varying_params(search.trials)
             rows.append({
                 "search": search.name, "task": task, "trials": len(search.trials),
@@ -85,6 +84,11 @@ def summarise(roots: Sequence[Path]) -> list[dict[str, Any]]:
                 "at_budget": _point(at_budget, axes), "best": _point(best, axes),
             })
     return rows
+
+
+def _rank(record: dict[str, Any]) -> tuple[float, float]:
+    """Higher ``exact`` first; among equals, the faster wake step."""
+    return record["metrics"]["exact"], -record["metrics"]["wake_ms_per_token"]
 
 
 def _point(record: dict[str, Any], axes: list[str]) -> dict[str, Any]:

@@ -388,14 +388,20 @@ def cmd_pareto(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from archkit.searching.summary import plot_summary, summarise, summary_markdown
+    from archkit.searching.summary import (
+        load_searches,
+        plot_summary,
+        summarise,
+        summary_markdown,
+    )
 
-    rows = summarise(args.searches)
+    searches = load_searches(args.searches)
+    rows = summarise(searches)
     if not rows:
         raise SpecError("", "no complete trials in these searches")
     if args.figure is not None:
         args.figure.parent.mkdir(parents=True, exist_ok=True)
-        plot_summary(args.searches).savefig(args.figure, dpi=120, bbox_inches="tight")
+        plot_summary(searches).savefig(args.figure, dpi=120, bbox_inches="tight")
     if args.json:
         print(json.dumps(rows, indent=2))
         return

@@ -54,6 +54,7 @@ from archkit.experiment_report import RunResult, write_report
 from archkit.progress import OverallProgress, Tally, trained_fraction
 from archkit.spec import Spec, SpecError, StrictModel, load_spec, parse_spec
 from archkit.spec_files import read_based_on_spec
+from archkit.tracking import read_records
 from archkit.trainer import train
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -367,10 +368,8 @@ def experiment_header(experiment: Experiment, rates: dict[str, float],
 
 def last_evaluated_step(run_dir: Path) -> int | None:
     """The step of the run's last evaluation in ``metrics.jsonl`` (where it stopped)."""
-    path = run_dir / "metrics.jsonl"
-    steps = [record["step"] for line in path.read_text().splitlines() if line.strip()
-             if (record := json.loads(line)).get("kind") == "eval"] if path.exists() else []
-    return steps[-1] if steps else None
+    evaluations = read_records(run_dir, "eval")
+    return evaluations[-1]["step"] if evaluations else None
 
 
 def evaluate_at(run_dir: Path, passes: int) -> dict[str, float]:

@@ -25,6 +25,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from archkit.metrics import difficulty_of
 from archkit.stats import Interval, mean_interval, paired_difference
 
 
@@ -47,15 +48,7 @@ def _exact_keys(metrics: Sequence[dict[str, float]], prefix: str = "exact") -> l
     numeric order."""
     keys = [k for k in metrics[0] if k == prefix or k.startswith(prefix + "/")]
     keys = [k for k in keys if all(k in m for m in metrics)]
-    return sorted(keys, key=lambda k: (k != prefix, _difficulty(k)))
-
-
-def _difficulty(key: str) -> float:
-    tail = key.split("/", 1)[1] if "/" in key else ""
-    try:
-        return float(tail)
-    except ValueError:
-        return float("inf")
+    return sorted(keys, key=lambda k: (k != prefix, difficulty_of(k)))
 
 
 def _intervals(metrics: Sequence[dict[str, float]], prefix: str = "exact"
@@ -125,7 +118,7 @@ def write_report(root: Path, runs: Path, header: dict[str, Any],
     summary = summarise(header, results)
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     (root / "report.md").write_text(report_markdown(summary, runs))
-    figure = plot_grid(summary) if header["grid_field"] else plot_by_difficulty(summary)
+    figure = plot_grid(summary) if header["grid_field"] else plot_bydifficulty_of(summary)
     figure.savefig(root / "report.png", dpi=120, bbox_inches="tight")
     return summary
 
@@ -234,7 +227,7 @@ def plot_grid(summary: dict[str, Any]) -> Figure:
     return figure
 
 
-def plot_by_difficulty(summary: dict[str, Any]) -> Figure:
+def plot_bydifficulty_of(summary: dict[str, Any]) -> Figure:
     """``exact`` against difficulty, one line per arm, 95% intervals over seeds."""
     figure = Figure(figsize=(6.4, 4.4))
     ax = figure.subplots()
@@ -245,12 +238,12 @@ def plot_by_difficulty(summary: dict[str, Any]) -> Figure:
         keys = [k for k in trained if k != "exact"]
         dodge = (i - (count - 1) / 2) * 0.08  # side by side, so intervals stay readable
         means, bars = _error_bars([trained[k] for k in keys])
-        ax.errorbar([_difficulty(k) + dodge for k in keys], means, yerr=bars,
+        ax.errorbar([difficulty_of(k) + dodge for k in keys], means, yerr=bars,
                     marker="o", capsize=3, label=f"{arm} ({len(entry['seeds'])} seeds)")
     chance = cell["baseline"]
     keys = [k for k in chance if k != "baseline"]
     if keys:
-        ax.plot([_difficulty(k) for k in keys], [chance[k]["mean"] for k in keys],
+        ax.plot([difficulty_of(k) for k in keys], [chance[k]["mean"] for k in keys],
                 linestyle="--", color="grey", marker="_", label="chance (baseline)")
     ax.set_xlabel("difficulty")
     ax.set_ylabel("exact (held out), 95% interval")

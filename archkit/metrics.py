@@ -112,6 +112,16 @@ def unknown_message(name: str) -> str:
     return f"unknown metric {name!r}; `archkit metrics` lists them.{hint}"
 
 
+def difficulty_of(name: str) -> float:
+    """The difficulty a per-difficulty name carries (``exact/3`` -> 3.0), to sort such
+    names in numeric order; infinity for a name without a numeric one."""
+    tail = name.split("/", 1)[1] if "/" in name else ""
+    try:
+        return float(tail)
+    except ValueError:
+        return float("inf")
+
+
 def tag(section: str, name: str) -> str:
     """The TensorBoard tag of metric ``name`` taken at ``section`` (e.g. ``eval/exact``)."""
     if section not in SECTIONS:

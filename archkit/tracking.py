@@ -77,6 +77,16 @@ def supersede_final(run_dir: Path, step: int) -> None:
         events.rename(kept / events.name.replace("tfevents", "superseded"))
 
 
+def read_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    """The run's ``metrics.jsonl`` records of one ``kind`` (``train``, ``eval``), oldest
+    first; none before the run has logged."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [r for r in records if r.get("kind") == kind]
+
+
 class TrainLogger:
     """``resumed_from`` is the checkpoint's step when a run resumes (None for a new run):
     records after it, which a crash may have left, are dropped from ``metrics.jsonl``, and

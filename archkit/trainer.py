@@ -60,7 +60,7 @@ from archkit.pretrained.weights import pretrained_parameters
 from archkit.sleep import SleepingModel, SleepOutput
 from archkit.spec import Spec, SpecError, TrainSpec
 from archkit.tasks import Task, TaskBatch
-from archkit.tracking import TrainLogger, supersede_final
+from archkit.tracking import TrainLogger, read_records, supersede_final
 
 COMMANDS = "commands.jsonl"
 EVAL_SET = "eval_set.json"
@@ -351,18 +351,6 @@ def due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
-def evaluations_so_far(run_dir: Path, metric: str, step: int) -> list[float]:
-    """``metric`` at each evaluation ``metrics.jsonl`` records up to ``step`` (a resumed
-    run's stopping rule continues from them; records past the checkpoint are dropped, as
-    training repeats those steps)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return [r[metric] for r in records
-            if r.get("kind") == "eval" and r["step"] <= step and metric in r]
-
-
 def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True,
           on_step: Callable[[int, float, SleepingModel], None] | None = None,
           on_eval: Callable[[int, Evaluation], None] | None = None, log_hparams: bool = True,
@@ -424,7 +412,10 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
 
     last_eval: tuple[int, Evaluation] | None = None
     until = train_spec.until
-    history = [] if until is None else evaluations_so_far(run_dir, until.metric, state.step)
+    # the logger has dropped records past the checkpoint: a resumed run's rule sees the
+    # evaluations before it, as an uninterrupted run's would
+    history = [] if until is None else [r[until.metric] for r in read_records(run_dir, "eval")
+                                        if until.metric in r]
     with StopRequest() as stop:
         try:
             while state.step < train_spec.steps:

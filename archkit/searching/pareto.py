@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
-from archkit.metrics import tag
+from archkit.metrics import difficulty_of, tag
 from archkit.searching.space import SearchSpace
 from archkit.tracking import HPARAMS_SUFFIX, flatten, write_session
 
@@ -107,7 +107,7 @@ def front_markdown(results: list[dict[str, Any]], space: SearchSpace) -> str:
     if "exact" in shown and candidates:
         by_difficulty = sorted((k for k in candidates[0]["metrics"] if k.startswith("exact/")
                                 and all(k in r["metrics"] for r in candidates)),
-                               key=lambda k: k.split("/", 1)[1].zfill(8))
+                               key=difficulty_of)
         at = shown.index("exact") + 1
         shown[at:at] = ["baseline", *by_difficulty]
     head = ["trial", *short_names(params).values(), *shown, "on_front"]

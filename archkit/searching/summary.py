@@ -65,9 +65,13 @@ def latency_budget(searches: Sequence[Search]) -> float:
     return max(r["metrics"]["wake_ms_per_token"] for r in fastest) * (1 + spread)
 
 
-def summarise(roots: Sequence[Path]) -> list[dict[str, Any]]:
-    """One row per search with complete trials, grouped by task in the order given."""
-    searches = [s for s in map(Search.load, roots) if s.trials]
+def load_searches(roots: Sequence[Path]) -> list[Search]:
+    """The searches in ``roots`` that have complete trials, in the order given."""
+    return [s for s in map(Search.load, roots) if s.trials]
+
+
+def summarise(searches: Sequence[Search]) -> list[dict[str, Any]]:
+    """One row per search, grouped by task in the order given."""
     tasks = list(dict.fromkeys(s.task for s in searches))
     rows = []
     for task in tasks:
@@ -118,10 +122,9 @@ def _params(point: dict[str, Any]) -> str:
     return ", ".join(f"{names[key]}={value}" for key, value in point["params"].items())
 
 
-def plot_summary(roots: Sequence[Path]) -> Figure:
+def plot_summary(searches: Sequence[Search]) -> Figure:
     """One panel per task: each search's trials as ``exact`` minus chance against wake
     latency, its front joined, the task's latency budget dashed."""
-    searches = [s for s in map(Search.load, roots) if s.trials]
     tasks = list(dict.fromkeys(s.task for s in searches))
     figure = Figure(figsize=(5.0 * len(tasks), 4.2))
     for ax, task in zip(figure.subplots(1, len(tasks), squeeze=False)[0], tasks, strict=True):

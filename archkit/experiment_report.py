@@ -163,7 +163,7 @@ def report_markdown(summary: dict[str, Any], runs: Path) -> str:
         lines += ["", f"### {summary['grid_field']} = {cell['value']}"
                   if summary["grid_field"] else "### Results", ""]
         keys = list(next(iter(cell["arms"].values()))["trained"])
-        head = ["arm", "seeds", *keys, "difference in exact", "p", "last eval step"]
+        head = ["arm", "seeds", *keys, "difference in exact", "p", "stopped_at"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for arm, entry in cell["arms"].items():
             for where in ["trained", *(k for k in entry if k.startswith("eval_N"))]:

@@ -32,6 +32,9 @@ from archkit.registry import REGISTRIES, RegistryError
 from archkit.searching.backends import BACKENDS
 from archkit.spec import SpecError, load_spec
 
+if typing.TYPE_CHECKING:
+    from archkit.experiment import Experiment
+
 USAGE_ERROR = 2
 INTERRUPTED = 130
 DEFAULT_WINDOW = 1024
@@ -322,7 +325,8 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         return
     try:
         run_experiment(experiment, args.runs, progress=not args.no_progress,
-                       train_missing=not args.report_only, verbose=args.verbose)
+                       train_missing=not args.report_only, verbose=args.verbose,
+                       workers=experiment_workers(args.workers, experiment))
     except KeyboardInterrupt:
         print(f"archkit: interrupted; finished runs are kept in {root}. Run the same command "
               "again to resume.", file=sys.stderr)
@@ -330,6 +334,18 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     console.print((root / "report.md").read_text())
     console.print(f"written: {root / 'report.md'}, {root / 'report.png'}, "
                   f"{root / 'summary.json'}; tensorboard --logdir {root / 'runs'}")
+
+
+def experiment_workers(asked: int | None, experiment: Experiment) -> int:
+    """``--workers``: as asked, or (auto, None) one per free core of the base spec's
+    ``train.threads``."""
+    if asked is not None:
+        return asked
+    from archkit.workers import free_cores
+
+    base = experiment.spec({}, "base")
+    assert base.train is not None
+    return max(1, free_cores() // (base.train.threads or os.cpu_count() or 1))
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -635,6 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="print each run's final evaluation by difficulty")
     experiment.add_argument("--background", action="store_true",
                             help="detach from the terminal; output in RUNS/NAME.log")
+    experiment.add_argument("--workers", type=_workers, default=1, metavar="auto|N",
+                            help="runs trained at once, each in its own process (auto: "
+                                 "one per free core, by the runs' train.threads; default 1)")
     experiment.add_argument("--report-only", action="store_true",
                             help="train nothing: report the runs that have finished")
     experiment.set_defaults(handler=cmd_experiment)

@@ -38,10 +38,11 @@ interrupted one continues from its checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -56,10 +57,12 @@ from archkit.spec import Spec, SpecError, StrictModel, load_spec, parse_spec
 from archkit.spec_files import read_based_on_spec
 from archkit.tracking import read_records
 from archkit.trainer import train
+from archkit.workers import claim, run_in_processes
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 RATES = ("lr", "adamw_lr")
+REPORT_LOCK = "report.lock"
 
 
 class TuneLR(StrictModel):
@@ -280,19 +283,17 @@ def tune_rates(experiment: Experiment, root: Path, verbose: bool, train_missing:
         scores: dict[float, float] = {}
         widened = 0
         while True:
-            for value in values:
-                if value in scores:
-                    continue
-                overrides = {**reference.overrides, **cell.overrides, "seed": seed,
-                             "train.eval_seed": tune.validation_seed,
-                             **{f"train.{r}": v for r, v in chosen.items()},
-                             f"train.{rate}": value}
-                final = run_once(experiment, root, tuning_run_name(rate, value, seed),
-                                 overrides, verbose, train_missing)
-                if final is None:
-                    raise SpecError("tune_lr", "the learning-rate runs have not all "
-                                    "finished; run the experiment without --report-only")
-                scores[value] = final["exact"]
+            jobs = [(tuning_run_name(rate, value, seed),
+                     {**reference.overrides, **cell.overrides, "seed": seed,
+                      "train.eval_seed": tune.validation_seed,
+                      **{f"train.{r}": v for r, v in chosen.items()},
+                      f"train.{rate}": value}) for value in values if value not in scores]
+            finals = dict(settle(experiment, root, jobs, verbose, train_missing))
+            if len(finals) < len(jobs):
+                raise SpecError("tune_lr", "the learning-rate runs have not all "
+                                "finished; run the experiment without --report-only")
+            for index, final in finals.items():
+                scores[jobs[index][1][f"train.{rate}"]] = final["exact"]
             beyond = beyond_edge(values, scores)
             if beyond is None or widened == tune.widen:
                 break
@@ -318,42 +319,73 @@ def beyond_edge(values: list[float], scores: dict[float, float]) -> float | None
 
 
 def run_experiment(experiment: Experiment, runs: Path, progress: bool = True,
-                   train_missing: bool = True, verbose: bool = False) -> dict[str, Any]:
+                   train_missing: bool = True, verbose: bool = False, workers: int = 1
+                   ) -> dict[str, Any]:
     """Train every run the experiment names (``train_missing=False``: only report the
-    finished ones) and write the report. ``progress`` shows one bar for the whole
-    experiment on stderr, ``verbose`` each run's final table."""
+    finished ones) and write the report. ``workers`` > 1 trains that many runs at once,
+    each in a process of its own; ``progress`` shows one bar for the whole experiment on
+    stderr, ``verbose`` each run's final table."""
     root = runs / experiment.name
     root.mkdir(parents=True, exist_ok=True)
     with OverallProgress(experiment.name, len(planned_runs(experiment)),
                          experiment_tally(root, experiment), "exact", "runs",
                          enabled=progress and train_missing):
+        if workers > 1 and train_missing:
+            run_in_processes(_worker, [(experiment, root, runs, verbose)] * workers)
         return _run_all(experiment, root, runs, train_missing, verbose)
+
+
+def _worker(experiment: Experiment, root: Path, runs: Path, verbose: bool) -> None:
+    with contextlib.suppress(KeyboardInterrupt):  # the parent says so, once
+        _run_all(experiment, root, runs, True, verbose)
 
 
 def _run_all(experiment: Experiment, root: Path, runs: Path, train_missing: bool,
              verbose: bool) -> dict[str, Any]:
     rates, tuning = tune_rates(experiment, root, verbose, train_missing)
+    header = experiment_header(experiment, rates, tuning)
+    planned = [(arm, cell, seed) for group in arm_groups(experiment, rates)
+               for seed in experiment.seeds for cell in experiment.cells() for arm in group]
+    jobs = [(cell.run_name(arm.name, seed), {**arm.overrides, **cell.overrides, "seed": seed})
+            for arm, cell, seed in planned]
     results: list[RunResult] = []
     summary: dict[str, Any] = {}
-    for group in arm_groups(experiment, rates):
-        for seed in experiment.seeds:
-            for cell in experiment.cells():
-                for arm in group:
-                    name = cell.run_name(arm.name, seed)
-                    final = run_once(experiment, root, name,
-                                     {**arm.overrides, **cell.overrides, "seed": seed},
-                                     verbose, train_missing)
-                    if final is None:
-                        continue
-                    run_dir = root / "runs" / name
-                    results.append(RunResult(
-                        arm.name, cell.label, cell.value, seed, final,
-                        {n: evaluate_at(run_dir, n) for n in experiment.eval_passes},
-                        last_evaluated_step(run_dir),
-                        hashlib.sha256((run_dir / "eval_set.json").read_bytes()).hexdigest()))
-                    summary = write_report(root, runs, experiment_header(experiment, rates,
-                                                                         tuning), results)
+    for index, final in settle(experiment, root, jobs, verbose, train_missing):
+        arm, cell, seed = planned[index]
+        run_dir = root / "runs" / jobs[index][0]
+        results.append(RunResult(
+            arm.name, cell.label, cell.value, seed, final,
+            {n: evaluate_at(run_dir, n) for n in experiment.eval_passes},
+            last_evaluated_step(run_dir),
+            hashlib.sha256((run_dir / "eval_set.json").read_bytes()).hexdigest()))
+        with claim(root / REPORT_LOCK, wait=True):
+            summary = write_report(root, runs, header, results)
     return summary
+
+
+def settle(experiment: Experiment, root: Path, jobs: Sequence[tuple[str, dict[str, Any]]],
+           verbose: bool, train_missing: bool) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The final.json of each job (run name, overrides) with its index, training it where
+    needed (``train_missing``; otherwise finished runs only). Other processes on the same
+    experiment may train some of the jobs: a job is claimed while it trains, so this
+    process goes on to the next free one and comes back to the claimed ones at the end,
+    waiting for each (and training it, when its process died before it finished)."""
+    claimed_elsewhere = []
+    for index, (name, overrides) in enumerate(jobs):
+        if not train_missing:
+            final = run_once(experiment, root, name, overrides, verbose, train_missing)
+            if final is not None:
+                yield index, final
+            continue
+        with claim(root / "claims" / f"{name}.lock", wait=False) as mine:
+            if mine:
+                yield index, run_once(experiment, root, name, overrides, verbose)
+        if not mine:
+            claimed_elsewhere.append(index)
+    for index in claimed_elsewhere:
+        name, overrides = jobs[index]
+        with claim(root / "claims" / f"{name}.lock", wait=True):
+            yield index, run_once(experiment, root, name, overrides, verbose)
 
 
 def experiment_header(experiment: Experiment, rates: dict[str, float],

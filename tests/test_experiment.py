@@ -145,6 +145,40 @@ def test_a_grid_crosses_arms_and_seeds_and_pairs_runs_on_the_same_questions(
     assert "### task.steps = 2" in report and "| arm | t* |" in report
 
 
+def test_workers_and_a_second_command_share_one_experiment_and_train_each_run_once(
+        tmp_path: Path) -> None:
+    """``--workers 2`` and, at the same time, a second plain command on the same
+    experiment: every run (the tuning runs included) is trained by one process, from step
+    0, once, and the report equals one made by a single process in another directory
+    (one thread per run, so training is deterministic)."""
+    data = {"name": "shared", "extends": str(ROOT / "specs/rule110_cpu.yaml"),
+            "set": {**REDUCED, "task.width": 6, "sleep.window": 6, "train.steps": 4,
+                    "train.eval_every": 2, "train.checkpoint_every": 2},
+            "grid": {"task.steps": [1, 2]}, "passes": [1, 2], "seeds": [0],
+            "tune_lr": {"lr": [1.0e-3, 2.0e-3], "widen": 0}}
+    path = tmp_path / "shared.yaml"
+    path.write_text(yaml.safe_dump(data))
+    command = [sys.executable, "-m", "archkit.cli", "experiment", str(path), "--runs", "runs",
+               "--no-progress"]
+    processes = [subprocess.Popen([*command, "--workers", "2"], cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                 subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)]
+    for process in processes:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr
+    root = tmp_path / "runs/shared"
+    runs = sorted((root / "runs").iterdir())
+    assert len(runs) == 2 + 2 * 2  # two tuning runs; 2 arms x 2 values
+    for run in runs:
+        starts = [json.loads(line)["from_step"]
+                  for line in (run / "commands.jsonl").read_text().splitlines()]
+        assert starts == [0], run.name
+    alone = run_experiment(load_experiment(path), tmp_path / "alone", progress=False)
+    shared = json.loads((root / "summary.json").read_text())
+    assert shared == json.loads(json.dumps(alone))
+
+
 def test_a_training_run_in_the_background_outlives_its_command(tmp_path: Path) -> None:
     started = archkit("train", str(ROOT / "specs/rule110_cpu.yaml"), "--background",
                       "--name", "bg", *(f"--set={k}={v}" for k, v in REDUCED.items()),

@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import math
-import multiprocessing
 import os
-import signal
 import time
 import warnings
 from collections.abc import Iterator
@@ -51,6 +48,7 @@ from archkit.searching.backends import SearchJob
 from archkit.searching.pareto import write_reports
 from archkit.searching.space import SearchSpace
 from archkit.searching.trial import TrialInterrupted, load_results, run_trial, trial_line
+from archkit.workers import free_cores, run_in_processes
 
 console = Console(stderr=True)  # progress; results go to stdout
 RUNNING_LOCK = ".running.lock"
@@ -217,7 +215,6 @@ class IntermediateValues:
 
 def _worker_process(space_json: str, root: str, threads: int, verbose: bool,
                     deadline: float | None, storage: str | None, index: int) -> None:
-    os.setpgrp()  # Ctrl-C comes through the parent, once (module docstring)
     space = SearchSpace.model_validate_json(space_json)
     try:
         worker(space, Path(root), threads, verbose, deadline, storage)
@@ -240,46 +237,6 @@ def run(job: SearchJob) -> None:
         worker(space, root, threads, job.verbose, job.deadline, job.storage)
         return
     console.print(f"{workers} workers, {threads} thread{'s' * (threads > 1)} per trial")
-    context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_worker_process,
-                                 args=(space.model_dump_json(by_alias=True), str(root),
-                                       threads, job.verbose, job.deadline, job.storage, i))
-                 for i in range(workers)]
-    for process in processes:
-        process.start()
-    interrupted = False
-    while any(process.is_alive() for process in processes):
-        try:
-            for process in processes:
-                process.join()
-        except KeyboardInterrupt:  # each Ctrl-C, passed on to the workers still running
-            interrupted = True
-            for process in processes:
-                if process.is_alive():
-                    os.kill(process.pid, signal.SIGINT)
-    if interrupted:
-        raise KeyboardInterrupt
-
-
-def free_cores(sample_s: float = 0.5) -> int:
-    """Cores this process may use, less those busy over the next ``sample_s`` seconds (at
-    least one). Busy time comes from ``/proc/stat``; elsewhere every core counts as free."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-        os.cpu_count() or 1
-    try:
-        before = _cpu_times()
-        time.sleep(sample_s)
-        after = _cpu_times()
-    except (OSError, ValueError):
-        return cores
-    idle, total = (a - b for a, b in zip(after, before, strict=True))
-    busy = (1 - idle / max(1, total)) * (os.cpu_count() or cores)
-    return max(1, cores - math.floor(busy + 0.5))
-
-
-def _cpu_times() -> tuple[int, int]:
-    """Idle (with I/O wait) and total jiffies of all cores, from the first line of
-    ``/proc/stat``."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return fields[3] + fields[4], sum(fields[:8])
+    run_in_processes(_worker_process, [(space.model_dump_json(by_alias=True), str(root),
+                                        threads, job.verbose, job.deadline, job.storage, i)
+                                       for i in range(workers)])

@@ -268,7 +268,10 @@ def run_once(experiment: Experiment, root: Path, name: str, overrides: dict[str,
 def tune_rates(experiment: Experiment, root: Path, verbose: bool, train_missing: bool = True
                ) -> tuple[dict[str, float], dict[str, Any]]:
     """The tuned rates ({} without ``tune_lr``) and what was tried: per rate, the
-    validation ``exact`` of every value, the chosen one and whether it is on an edge."""
+    validation ``exact`` of every value and the step its run stopped at, the chosen one
+    and whether it is on an edge. The best rate has the highest ``exact``; among equal
+    ones (runs that all reached ``train.target_exact``, say), the one that stopped first,
+    having got there in fewer steps."""
     tune = experiment.tune_lr
     if tune is None:
         return {}, {}
@@ -280,7 +283,7 @@ def tune_rates(experiment: Experiment, root: Path, verbose: bool, train_missing:
         values = sorted(getattr(tune, rate) or [])
         if not values:
             continue
-        scores: dict[float, float] = {}
+        scores: dict[float, tuple[float, int]] = {}  # (exact, -step it stopped at)
         widened = 0
         while True:
             jobs = [(tuning_run_name(rate, value, seed),
@@ -293,7 +296,9 @@ def tune_rates(experiment: Experiment, root: Path, verbose: bool, train_missing:
                 raise SpecError("tune_lr", "the learning-rate runs have not all "
                                 "finished; run the experiment without --report-only")
             for index, final in finals.items():
-                scores[jobs[index][1][f"train.{rate}"]] = final["exact"]
+                name, overrides = jobs[index]
+                stopped_at = last_evaluated_step(root / "runs" / name) or 0
+                scores[overrides[f"train.{rate}"]] = (final["exact"], -stopped_at)
             beyond = beyond_edge(values, scores)
             if beyond is None or widened == tune.widen:
                 break
@@ -301,12 +306,13 @@ def tune_rates(experiment: Experiment, root: Path, verbose: bool, train_missing:
             widened += 1
         best = max(values, key=lambda v: scores[v])
         chosen[rate] = best
-        tried[rate] = {"validation_exact": {f"{v:g}": scores[v] for v in values},
+        tried[rate] = {"validation_exact": {f"{v:g}": scores[v][0] for v in values},
+                       "stopped_at": {f"{v:g}": -scores[v][1] for v in values},
                        "chosen": best, "at_edge": beyond is not None}
     return chosen, {"validation_seed": tune.validation_seed, **tried}
 
 
-def beyond_edge(values: list[float], scores: dict[float, float]) -> float | None:
+def beyond_edge(values: list[float], scores: dict[float, Any]) -> float | None:
     """When the best-scoring of ``values`` (sorted; ties go to the smaller rate) is the
     smallest or the largest, the next rate to try: one geometric step beyond it, the
     step of its neighbour; None when the best lies inside."""

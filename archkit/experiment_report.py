@@ -153,11 +153,14 @@ def report_markdown(summary: dict[str, Any], runs: Path) -> str:
     tuning = summary["tuning"]
     for rate in ("lr", "adamw_lr"):
         if rate in tuning:
-            tried = ", ".join(f"{v}: {e:.3f}" for v, e in
-                              tuning[rate]["validation_exact"].items())
+            stopped = tuning[rate].get("stopped_at", {})
+            tried = ", ".join(f"{v}: {e:.3f}" + (f" at step {stopped[v]}" if v in stopped
+                                                 else "")
+                              for v, e in tuning[rate]["validation_exact"].items())
             where = "on the edge of what was tried" if tuning[rate]["at_edge"] else "inside"
             lines.append(f"- `train.{rate}` tuned on the validation set (eval seed "
-                         f"{tuning['validation_seed']}): {tried}; chose "
+                         f"{tuning['validation_seed']}; exact, ties to the run that stopped "
+                         f"first): {tried}; chose "
                          f"{tuning[rate]['chosen']:g} ({where}).")
     for cell in summary["cells"]:
         lines += ["", f"### {summary['grid_field']} = {cell['value']}"

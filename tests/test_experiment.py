@@ -145,6 +145,36 @@ def test_a_grid_crosses_arms_and_seeds_and_pairs_runs_on_the_same_questions(
     assert "### task.steps = 2" in report and "| arm | t* |" in report
 
 
+def test_the_depth_threshold_study_reduced_runs_every_arm_at_every_t(tmp_path: Path) -> None:
+    """experiments/depth_threshold.yaml with a few steps, two seeds and two rates per list:
+    every arm it names runs at every t on both seeds, the deeper arm has twice the layers,
+    the equal-compute arms train longer, both rates are tuned, and the report gives t* for
+    each arm. The shipped pilots load too."""
+    data = yaml.safe_load((ROOT / "experiments/depth_threshold.yaml").read_text())
+    data.update(name="depth", extends=str(ROOT / "experiments" / data["extends"]),
+                seeds=[0, 1], set={**data["set"], **REDUCED, "task.width": 8,
+                                   "sleep.window": 8})
+    data["tune_lr"] = {**{rate: values[:2] for rate, values in data["tune_lr"].items()},
+                       "widen": 0}
+    path = tmp_path / "depth.yaml"
+    path.write_text(yaml.safe_dump(data))
+    summary = run_experiment(load_experiment(path), tmp_path / "runs", progress=False)
+    arms = {"N1", "N2", "N4", "N1_deep", "N1x2", "N1x4"}
+    assert [cell["value"] for cell in summary["cells"]] == data["grid"]["task.steps"]
+    for cell in summary["cells"]:
+        assert set(cell["arms"]) == arms
+        assert all(cell["arms"][arm]["seeds"] == [0, 1] for arm in arms)
+    assert set(summary["threshold"]) == arms
+    assert set(summary["rates"]) == {"lr", "adamw_lr"}
+    root = tmp_path / "runs/depth/runs"
+    deep = yaml.safe_load((root / "N1_deep_steps4_s1/checkpoint/spec.yaml").read_text())
+    assert deep["model"]["pattern"] == "AGAG" and deep["sleep"]["passes"] == 1
+    longer = yaml.safe_load((root / "N1x4_steps3_s0/checkpoint/spec.yaml").read_text())
+    assert longer["train"]["steps"] == 4 * REDUCED["train.steps"]
+    for pilot in (ROOT / "experiments/depth_pilots").glob("*.yaml"):
+        assert load_experiment(pilot).grid_field == "task.steps"
+
+
 def test_workers_and_a_second_command_share_one_experiment_and_train_each_run_once(
         tmp_path: Path) -> None:
     """``--workers 2`` and, at the same time, a second plain command on the same

@@ -201,7 +201,9 @@ def resume_command(runs: Path, name: str) -> str:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from archkit.checkpoint import has_checkpoint, load_run_spec, saved_step
-    from archkit.trainer import TrainingDiverged, train
+    from archkit.distributed import process_group
+    from archkit.spec import TrainSpec
+    from archkit.trainer import TrainingDiverged, resolve_device, train
 
     overrides = parse_overrides(args.set)
     if args.runs.exists() and not args.runs.is_dir():
@@ -220,10 +222,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         detach(run_dir.with_name(run_dir.name + ".log"))
         return
     try:
-        result = train(spec, run_dir, resume=args.resume, progress=not args.no_progress)
+        with process_group(resolve_device(spec.train or TrainSpec())) as layout:
+            result = train(spec, run_dir, resume=args.resume,
+                           progress=not args.no_progress and layout.writer, layout=layout)
     except TrainingDiverged as err:
         print(f"archkit: {err}", file=sys.stderr)
         sys.exit(1)
+    if not layout.writer:  # rank 0 says how it went
+        sys.exit(INTERRUPTED if result.interrupted else 0)
     if result.interrupted:
         if has_checkpoint(run_dir):
             print(f"archkit: interrupted; the checkpoint of step {saved_step(run_dir)} is in "

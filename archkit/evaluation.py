@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from archkit.checkpoint import Run
+from archkit.distributed import SINGLE, Layout
 from archkit.sleep import SleepingModel
 from archkit.spec import Spec, SpecError, TrainSpec
 from archkit.tasks import Score, Task, TaskBatch
@@ -29,23 +30,31 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(sleeper: SleepingModel, task: Task, batch: TaskBatch, batch_size: int,
-             baseline: Baseline | None = None) -> Evaluation:
+             baseline: Baseline | None = None, layout: Layout = SINGLE) -> Evaluation:
     """Exact-match and per-answer accuracy of greedy predictions and the mean loss, beside
-    ``baseline``, the chance level of ``batch``."""
+    ``baseline``, the chance level of ``batch``. Under several ranks (``layout``) each
+    computes its chunks of ``batch_size`` examples and every rank gets the whole result
+    (archkit.distributed)."""
     was_training = sleeper.training
     sleeper.eval()
     device = next(sleeper.parameters()).device
     predictions = torch.full_like(batch.tokens, -1)
-    losses = []
-    for start in range(0, len(batch), batch_size):
+    starts = range(0, len(batch), batch_size)
+    chunk_losses = torch.zeros(len(starts), dtype=torch.float64)  # loss x examples
+    for chunk, start in enumerate(starts):
+        if not layout.mine(chunk):
+            continue
         tokens = batch.tokens[start:start + batch_size].to(device)
         mask = batch.loss_mask[start:start + batch_size].to(device)
         out = sleeper(tokens, batch.context_len, mask)
         predictions[start:start + batch_size, batch.context_len + 1:] = (
             out.logits[:, :-1].argmax(-1).cpu())
-        losses.append(float(out.loss) * len(tokens))
+        chunk_losses[chunk] = float(out.loss) * len(tokens)
+    layout.max(predictions)  # -1 where another rank predicted
+    layout.sum(chunk_losses)  # zero where another rank computed: the sum is exact
     sleeper.train(was_training)
-    return Evaluation(task.score(predictions, batch), sum(losses) / len(batch), baseline)
+    return Evaluation(task.score(predictions, batch), sum(chunk_losses.tolist()) / len(batch),
+                      baseline)
 
 
 def eval_seed(spec: Spec) -> int:

@@ -87,6 +87,23 @@ def read_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
     return [r for r in records if r.get("kind") == kind]
 
 
+class SilentLogger:
+    """The logger of a rank that writes nothing (every rank of a run but rank 0)."""
+
+    def spec_text(self, step: int) -> None:
+        pass
+
+    def step(self, step: int, loss: float, grad_norm: float, lrs: dict[str, float],
+             tokens_per_s: float, passes: list[float], stage: int | None = None) -> None:
+        pass
+
+    def evaluation(self, step: int, result: Evaluation) -> None:
+        pass
+
+    def close(self, result: Evaluation | None, step: int) -> None:
+        pass
+
+
 class TrainLogger:
     """``resumed_from`` is the checkpoint's step when a run resumes (None for a new run):
     records after it, which a crash may have left, are dropped from ``metrics.jsonl``, and

@@ -54,13 +54,14 @@ from archkit.checkpoint import (
     saved_step,
     spec_changes,
 )
+from archkit.distributed import SINGLE, Layout, rank_device
 from archkit.evaluation import Evaluation, eval_seed, evaluate, evaluate_run, held_out
 from archkit.model import HybridModel
 from archkit.pretrained.weights import pretrained_parameters
 from archkit.sleep import SleepingModel, SleepOutput
 from archkit.spec import Spec, SpecError, TrainSpec
 from archkit.tasks import Task, TaskBatch
-from archkit.tracking import TrainLogger, read_records, supersede_final
+from archkit.tracking import SilentLogger, TrainLogger, read_records, supersede_final
 
 COMMANDS = "commands.jsonl"
 EVAL_SET = "eval_set.json"
@@ -319,24 +320,31 @@ class StopRequest:
 
 
 def train_step(state: TrainState, batch: TaskBatch, train: TrainSpec, device: torch.device,
-               run_dir: Path) -> tuple[SleepOutput, float]:
-    """One optimiser step on ``batch``; returns the model output and the gradient norm.
-    A non-finite loss stops the run with :class:`TrainingDiverged` before the step."""
+               run_dir: Path, layout: Layout = SINGLE, model: nn.Module | None = None
+               ) -> tuple[SleepOutput, float, float]:
+    """One optimiser step on ``batch`` (under several ranks, on this rank's rows of it,
+    through ``model``, the DistributedDataParallel replica of ``state.sleeper``); returns
+    the model output, the loss of the whole batch and the gradient norm. A non-finite loss
+    stops the run with :class:`TrainingDiverged` before the step."""
+    mine = layout.rows(batch)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast:
-        out = state.sleeper(batch.tokens.to(device), batch.context_len,
-                            batch.loss_mask.to(device))
-    loss = float(out.loss.detach())
+        out = (model or state.sleeper)(mine.tokens.to(device), mine.context_len,
+                                       mine.loss_mask.to(device))
+    weighted = out.loss * layout.loss_weight(mine, batch)
+    share = weighted.detach().double().cpu().reshape(1) / layout.world
+    loss = float(layout.sum(share)[0])
     if not math.isfinite(loss):
         record = {"step": state.step, "loss": loss, "last_checkpoint": saved_step(run_dir)}
-        (run_dir / "diverged.json").write_text(json.dumps(record, indent=2))
+        if layout.writer:
+            (run_dir / "diverged.json").write_text(json.dumps(record, indent=2))
         raise TrainingDiverged(
             f"training diverged at step {state.step}: the loss is {loss}. The last good "
             f"checkpoint (step {record['last_checkpoint']}) is kept in {run_dir}; "
             "lower train.lr or set train.grad_clip.")
     for optimizer in state.optimizers.values():
         optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
+    weighted.backward()
     grad_norm = float(nn.utils.clip_grad_norm_(state.sleeper.parameters(),
                                                train.grad_clip or float("inf")))
     for optimizer, scheduler in zip(state.optimizers.values(), state.schedulers, strict=True):
@@ -344,7 +352,7 @@ def train_step(state: TrainState, batch: TaskBatch, train: TrainSpec, device: to
         scheduler.step()
     state.losses[state.step] = loss
     state.step += 1
-    return out, grad_norm
+    return out, loss, grad_norm
 
 
 def due(step: int, every: int, last: int) -> bool:
@@ -354,7 +362,7 @@ def due(step: int, every: int, last: int) -> bool:
 def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True,
           on_step: Callable[[int, float, SleepingModel], None] | None = None,
           on_eval: Callable[[int, Evaluation], None] | None = None, log_hparams: bool = True,
-          final_table: bool = True) -> TrainResult:
+          final_table: bool = True, layout: Layout = SINGLE) -> TrainResult:
     """Train ``spec`` into ``run_dir``. Ctrl-C saves a checkpoint at the end of the step and
     returns with ``interrupted=True``; ``resume`` continues from the checkpoint exactly, or
     extends the run to a larger ``train.steps``, and refuses any other change of the spec
@@ -363,7 +371,8 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
     either may raise KeyboardInterrupt to stop the run as Ctrl-C does.
     ``log_hparams=False`` leaves the TensorBoard hparams entry to the caller (a search
     writes its own, per trial); ``progress`` shows the live bar, ``final_table`` the
-    final evaluation by difficulty."""
+    final evaluation by difficulty. ``layout``: this process's rank among several that
+    train the run together (archkit.distributed); rank 0 alone writes."""
     train_spec, task = require(spec)
     trained = check_run_dir(spec, run_dir, resume)
     extended = trained is not None and trained.train is not None and \
@@ -373,32 +382,39 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
         return TrainResult(run_dir, {}, evaluate_run(load_run(run_dir)), already_finished=True)
     if train_spec.threads:
         torch.set_num_threads(train_spec.threads)
-    device = resolve_device(train_spec)
+    device = rank_device(resolve_device(train_spec))
     require_memory(spec.model, device, training=True)
+    layout.check_batch_size(train_spec.batch_size)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise SpecError(str(run_dir), f"cannot create the run directory ({err.strerror})"
                         ) from None
     state = restore(spec, run_dir, trained, device)
-    if extended and finished:
-        supersede_final(run_dir, state.step)
-    record_command(run_dir, state.step)
+    replica = layout.wrap(state.sleeper, device)
+    layout.wait_for_all()  # every rank has read the run directory before rank 0 writes
     stage_ends, stage_tasks = curriculum(spec, task)
     eval_batch, chance = held_out(spec, task)
-    record_eval_set(run_dir, eval_batch, eval_seed(spec))
-    logger = TrainLogger(run_dir, spec, train_spec.steps,
-                         None if trained is None else state.step, progress,
-                         train_spec.log_every, log_hparams, final_table)
+    logger: TrainLogger | SilentLogger = SilentLogger()
+    if layout.writer:
+        if extended and finished:
+            supersede_final(run_dir, state.step)
+        record_command(run_dir, state.step)
+        record_eval_set(run_dir, eval_batch, eval_seed(spec))
+        logger = TrainLogger(run_dir, spec, train_spec.steps,
+                             None if trained is None else state.step, progress,
+                             train_spec.log_every, log_hparams, final_table)
     if trained is None or extended:
         logger.spec_text(state.step)
     announce_start()
 
     def checkpoint() -> None:
-        save_checkpoint(run_dir, spec, state.sleeper, state.trainer_state())
+        if layout.writer:
+            save_checkpoint(run_dir, spec, state.sleeper, state.trainer_state())
 
     def evaluate_now() -> tuple[int, Evaluation]:
-        result = evaluate(state.sleeper, task, eval_batch, train_spec.batch_size, chance)
+        result = evaluate(state.sleeper, task, eval_batch, train_spec.batch_size, chance,
+                          layout)
         logger.evaluation(state.step, result)
         if on_eval is not None:
             on_eval(state.step, result)
@@ -423,8 +439,8 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
                 stage = bisect.bisect_right(stage_ends, state.step)
                 batch = stage_tasks[stage].train_batch(state.step, train_spec.batch_size,
                                                        spec.seed)
-                out, grad_norm = train_step(state, batch, train_spec, device, run_dir)
-                loss = state.losses[state.step - 1]
+                out, loss, grad_norm = train_step(state, batch, train_spec, device, run_dir,
+                                                  layout, replica)
                 logger.step(state.step, loss, grad_norm, state.lrs(),
                             batch.tokens.numel() / (time.perf_counter() - tick),
                             out.report.passes, stage if stage_ends else None)
@@ -441,12 +457,13 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
                         break
                 if due(state.step, train_spec.checkpoint_every, train_spec.steps):
                     checkpoint()
-                if stop.requested and state.step < train_spec.steps:
+                if layout.any(stop.requested) and state.step < train_spec.steps:
                     return interrupted(stop)
         except KeyboardInterrupt:
             return interrupted(stop)
     if last_eval is None or last_eval[0] != state.step:
         last_eval = state.step, evaluate(state.sleeper, task, eval_batch,
-                                         train_spec.batch_size, chance)
+                                         train_spec.batch_size, chance, layout)
     logger.close(last_eval[1], state.step)
+    layout.wait_for_all()  # final.json is written when any rank returns
     return TrainResult(run_dir, state.losses, last_eval[1])

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 
 from archkit.card import parameter_shapes, require_memory
 from archkit.sleep import SleepingModel
@@ -45,13 +45,14 @@ def has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / CHECKPOINT).exists()
 
 
-def save_checkpoint(run_dir: Path, spec: Spec, sleeper: SleepingModel,
+def save_checkpoint(run_dir: Path, spec: Spec, weights: Mapping[str, torch.Tensor],
                     trainer_state: dict[str, Any]) -> None:
-    """Write ``checkpoint/`` atomically: a complete directory replaces the previous one."""
+    """Write ``checkpoint/`` atomically: a complete directory replaces the previous one.
+    ``weights`` is the whole model's state dict (gathered, when the run is sharded)."""
     tmp, final, old = (run_dir / f"{CHECKPOINT}.{s}" for s in ("tmp", "new", "old"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(sleeper.model, str(tmp / "model.safetensors"))
+    save_weights(weights, tmp / "model.safetensors")
     (tmp / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     torch.save(trainer_state, tmp / "trainer.pt")
     tmp.rename(final)
@@ -150,6 +151,19 @@ def _changes_shapes(trained: Spec, field: str, value: Any,
 
 def _shape(shape: tuple[int, ...] | None) -> str:
     return "absent" if shape is None else str(list(shape))
+
+
+def save_weights(weights: Mapping[str, torch.Tensor], path: Path) -> None:
+    """safetensors with one copy of tensors that share memory (tied weights keep their
+    first name): ``load_model`` fills the others, as it does after ``save_model``."""
+    kept: dict[str, torch.Tensor] = {}
+    seen = set()
+    for name, tensor in weights.items():
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+        if where not in seen:
+            seen.add(where)
+            kept[name] = tensor.detach().contiguous()
+    save_file(kept, str(path), metadata={"format": "pt"})
 
 
 def load_weights(sleeper: SleepingModel, run_dir: Path) -> None:

@@ -222,7 +222,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         detach(run_dir.with_name(run_dir.name + ".log"))
         return
     try:
-        with process_group(resolve_device(spec.train or TrainSpec())) as layout:
+        train_spec = spec.train or TrainSpec()
+        with process_group(resolve_device(train_spec), train_spec.parallel) as layout:
             result = train(spec, run_dir, resume=args.resume,
                            progress=not args.no_progress and layout.writer, layout=layout)
     except TrainingDiverged as err:

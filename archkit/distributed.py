@@ -28,12 +28,21 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from archkit.spec import SpecError
@@ -46,6 +55,7 @@ class Layout:
 
     rank: int = 0
     world: int = 1
+    sharded: bool = False  # FSDP: parameters, gradients and optimiser states sharded
 
     @property
     def writer(self) -> bool:
@@ -106,14 +116,78 @@ class Layout:
             dist.barrier()
 
     def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
-        """``module`` under DistributedDataParallel when there are several ranks."""
-        if self.world == 1:
+        """What a training step calls: ``module`` under DistributedDataParallel when there
+        are several ranks, ``module`` itself alone or sharded (FSDP reduces gradients in
+        its own hooks)."""
+        if self.world == 1 or self.sharded:
             return module
         return DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None)
 
+    def shard(self, sleeper: nn.Module, layers: Iterable[nn.Module]) -> None:
+        """FSDP2: each of ``layers`` a unit of its own, the rest (embedding, head, norm)
+        the root unit; in place, before the optimisers are made."""
+        if not self.sharded:
+            return
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(sleeper)
+
+    @property
+    def for_evaluation(self) -> Layout:
+        """Sharded, a forward is a collective, so every rank runs every chunk; replicated,
+        the chunks are split (step 3)."""
+        return SINGLE if self.sharded else self
+
+    def scalar(self, value: torch.Tensor) -> float:
+        """A reduced scalar as a float (a DTensor, sharded, is made whole first)."""
+        return float(value.full_tensor() if isinstance(value, DTensor) else value)
+
+    def model_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole model's weights, on CPU, on rank 0 (empty on other ranks, sharded)."""
+        if not self.sharded:
+            return module.state_dict()
+        whole = get_model_state_dict(module, options=WHOLE_ON_CPU)
+        first_name: dict[int, str] = {}  # gathered, tied weights come back as two copies
+        for name, param in module.named_parameters(remove_duplicate=False):
+            first = first_name.setdefault(id(param), name)
+            if first != name and name in whole:
+                whole[name] = whole[first]
+        return whole
+
+    def optimizer_state(self, module: nn.Module, optimizer: torch.optim.Optimizer
+                        ) -> dict[str, Any]:
+        """The optimiser's whole state in ``optimizer.state_dict()``'s layout (parameters
+        by position), whatever the sharding, so a checkpoint resumes under any layout."""
+        if not self.sharded:
+            return optimizer.state_dict()
+        by_name = get_optimizer_state_dict(module, optimizer, options=WHOLE_ON_CPU)
+        if not by_name:  # ranks other than 0
+            return {}
+        names = [name for group in by_name["param_groups"] for name in group["params"]]
+        position = {name: index for index, name in enumerate(names)}
+        return {"state": {position[name]: state for name, state in by_name["state"].items()},
+                "param_groups": [{**group, "params": [position[n] for n in group["params"]]}
+                                 for group in by_name["param_groups"]]}
+
+    def load_optimizer_state(self, module: nn.Module, optimizer: torch.optim.Optimizer,
+                             saved: dict[str, Any]) -> None:
+        """Restore :meth:`optimizer_state`'s layout into ``optimizer``, sharded or not."""
+        if not self.sharded:
+            optimizer.load_state_dict(saved)
+            return
+        name_of = {id(param): name for name, param in module.named_parameters()}
+        names = [name_of[id(param)] for group in optimizer.param_groups
+                 for param in group["params"]]
+        by_name = {"state": {names[index]: state for index, state in saved["state"].items()},
+                   "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                    for group in saved["param_groups"]]}
+        set_optimizer_state_dict(module, optimizer, by_name,
+                                 options=StateDictOptions(full_state_dict=True))
+
 
 SINGLE = Layout()
+WHOLE_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def launched() -> bool:
@@ -122,9 +196,10 @@ def launched() -> bool:
 
 
 @contextlib.contextmanager
-def process_group(device: torch.device) -> Iterator[Layout]:
+def process_group(device: torch.device, parallel: str = "ddp") -> Iterator[Layout]:
     """Join the launcher's process group for the block (``gloo`` on CPU, ``nccl`` on
-    CUDA, where each rank takes ``cuda:<LOCAL_RANK>``); without a launcher, one rank."""
+    CUDA, where each rank takes ``cuda:<LOCAL_RANK>``); without a launcher, one rank.
+    ``parallel``: ``ddp`` replicates the model on every rank, ``fsdp`` shards it."""
     if not launched():
         yield SINGLE
         return
@@ -133,7 +208,7 @@ def process_group(device: torch.device) -> Iterator[Layout]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     try:
-        yield Layout(dist.get_rank(), dist.get_world_size())
+        yield Layout(dist.get_rank(), dist.get_world_size(), sharded=parallel == "fsdp")
     finally:
         dist.destroy_process_group()
 

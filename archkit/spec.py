@@ -276,6 +276,9 @@ class TrainSpec(StrictModel):
     log_every: PositiveInt = 10
     threads: PositiveInt | None = Field(None, description="torch CPU threads (default: all)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp replicates the model on every rank, fsdp "
+                           "shards parameters, gradients and optimiser states per layer")
     compile: bool = Field(
         False, description="torch.compile the window passes and the wake step (eager where "
                            "compiling fails); costs a warm-up of tens of seconds per process")

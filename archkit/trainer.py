@@ -193,11 +193,14 @@ class TrainState:
         return {name: s.get_last_lr()[0]
                 for name, s in zip(self.optimizers, self.schedulers, strict=True)}
 
-    def trainer_state(self) -> dict:
+    def trainer_state(self, layout: Layout = SINGLE) -> dict:
+        """Optimisers (whole, in one layout however the run is sharded), schedulers, step
+        and random state; under several ranks every rank must call it."""
         return {
             "step": self.step,
             "schedule_steps": self.schedule_steps,
-            "optimizers": [o.state_dict() for o in self.optimizers.values()],
+            "optimizers": [layout.optimizer_state(self.sleeper, o)
+                           for o in self.optimizers.values()],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -207,7 +210,7 @@ class TrainState:
 # Fields that say where and how a run computes, not what: a resume may change them (a search that
 # resumes a trial with another number of workers gives it another thread count). The
 # losses then equal an uninterrupted run's up to floating-point reduction order.
-WHERE_IT_RUNS = ("train.threads", "train.device", "train.compile")
+WHERE_IT_RUNS = ("train.threads", "train.device", "train.compile", "train.parallel")
 
 
 def check_run_dir(spec: Spec, run_dir: Path, resume: bool) -> Spec | None:
@@ -233,10 +236,11 @@ def check_run_dir(spec: Spec, run_dir: Path, resume: bool) -> Spec | None:
     return trained
 
 
-def restore(spec: Spec, run_dir: Path, trained: Spec | None, device: torch.device
-            ) -> TrainState:
+def restore(spec: Spec, run_dir: Path, trained: Spec | None, device: torch.device,
+            layout: Layout = SINGLE) -> TrainState:
     """A fresh model and optimisers, or, resuming a run trained as ``trained``, the
-    checkpoint's."""
+    checkpoint's; sharded when ``layout`` says so (the weights are loaded whole on every
+    rank first, then sharded)."""
     train = spec.train
     assert train is not None
     saved = None if trained is None else load_trainer_state(run_dir)
@@ -249,15 +253,19 @@ def restore(spec: Spec, run_dir: Path, trained: Spec | None, device: torch.devic
     freeze_parameters(sleeper.model, spec)
     if train.compile:
         sleeper.model.compile_passes()
+    if saved is not None:
+        load_weights(sleeper, run_dir)
+    layout.shard(sleeper, sleeper.model.layers)
     optimizers = make_optimizers(sleeper, train)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(
         o, lambda s: lr_factor(s, train, schedule_steps)) for o in optimizers.values()]
     state = TrainState(sleeper, optimizers, schedulers, schedule_steps)
     if saved is not None:
-        load_weights(sleeper, run_dir)
-        for obj, saved_state in zip([*optimizers.values(), *schedulers],
-                                    [*saved["optimizers"], *saved["schedulers"]], strict=True):
-            obj.load_state_dict(saved_state)
+        for optimizer, optimizer_state in zip(optimizers.values(), saved["optimizers"],
+                                              strict=True):
+            layout.load_optimizer_state(sleeper, optimizer, optimizer_state)
+        for scheduler, scheduler_state in zip(schedulers, saved["schedulers"], strict=True):
+            scheduler.load_state_dict(scheduler_state)
         torch.set_rng_state(saved["rng"])
         if saved["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
@@ -345,8 +353,8 @@ def train_step(state: TrainState, batch: TaskBatch, train: TrainSpec, device: to
     for optimizer in state.optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     weighted.backward()
-    grad_norm = float(nn.utils.clip_grad_norm_(state.sleeper.parameters(),
-                                               train.grad_clip or float("inf")))
+    grad_norm = layout.scalar(nn.utils.clip_grad_norm_(state.sleeper.parameters(),
+                                                       train.grad_clip or float("inf")))
     for optimizer, scheduler in zip(state.optimizers.values(), state.schedulers, strict=True):
         optimizer.step()
         scheduler.step()
@@ -390,7 +398,7 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
     except OSError as err:
         raise SpecError(str(run_dir), f"cannot create the run directory ({err.strerror})"
                         ) from None
-    state = restore(spec, run_dir, trained, device)
+    state = restore(spec, run_dir, trained, device, layout)
     replica = layout.wrap(state.sleeper, device)
     layout.wait_for_all()  # every rank has read the run directory before rank 0 writes
     stage_ends, stage_tasks = curriculum(spec, task)
@@ -409,12 +417,14 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
     announce_start()
 
     def checkpoint() -> None:
+        weights = layout.model_state(state.sleeper.model)  # every rank: a collective
+        trainer_state = state.trainer_state(layout)
         if layout.writer:
-            save_checkpoint(run_dir, spec, state.sleeper, state.trainer_state())
+            save_checkpoint(run_dir, spec, weights, trainer_state)
 
     def evaluate_now() -> tuple[int, Evaluation]:
         result = evaluate(state.sleeper, task, eval_batch, train_spec.batch_size, chance,
-                          layout)
+                          layout.for_evaluation)
         logger.evaluation(state.step, result)
         if on_eval is not None:
             on_eval(state.step, result)
@@ -463,7 +473,8 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
             return interrupted(stop)
     if last_eval is None or last_eval[0] != state.step:
         last_eval = state.step, evaluate(state.sleeper, task, eval_batch,
-                                         train_spec.batch_size, chance, layout)
+                                         train_spec.batch_size, chance,
+                                         layout.for_evaluation)
     logger.close(last_eval[1], state.step)
     layout.wait_for_all()  # final.json is written when any rank returns
     return TrainResult(run_dir, state.losses, last_eval[1])

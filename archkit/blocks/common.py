@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 EvictionPolicy = Literal["hard", "sliding"]
 
@@ -140,7 +141,10 @@ class Block(nn.Module):
         return 0
 
     def _param(self) -> Tensor:
-        return next(self.parameters())
+        """A parameter to take dtype and device from for new state tensors: its local
+        shard when the block is sharded (FSDP), since a state is per rank, not sharded."""
+        param = next(self.parameters())
+        return param.to_local() if isinstance(param, DTensor) else param
 
 
 class RMSNorm(nn.Module):

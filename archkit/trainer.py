@@ -279,9 +279,10 @@ def record_eval_set(run_dir: Path, batch: TaskBatch, seed: int) -> None:
     (run_dir / EVAL_SET).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def record_command(run_dir: Path, step: int) -> None:
-    """Append the command line of this process to the run's ``commands.jsonl``."""
-    entry = {"argv": sys.argv, "cwd": os.getcwd(), "from_step": step,
+def record_command(run_dir: Path, step: int, ranks: int = 1) -> None:
+    """Append the command line of this process, and how many ranks train with it, to the
+    run's ``commands.jsonl``."""
+    entry = {"argv": sys.argv, "cwd": os.getcwd(), "from_step": step, "ranks": ranks,
              "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     with open(run_dir / COMMANDS, "a") as f:
         f.write(json.dumps(entry) + "\n")
@@ -407,7 +408,7 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
     if layout.writer:
         if extended and finished:
             supersede_final(run_dir, state.step)
-        record_command(run_dir, state.step)
+        record_command(run_dir, state.step, layout.world)
         record_eval_set(run_dir, eval_batch, eval_seed(spec))
         logger = TrainLogger(run_dir, spec, train_spec.steps,
                              None if trained is None else state.step, progress,

@@ -25,6 +25,7 @@ from archkit.searching import load_space, run_search
 from archkit.searching.optuna_backend import open_study
 from archkit.searching.pareto import front_markdown, front_of, pareto_front, short_names
 from archkit.searching.space import SearchSpace
+from archkit.searching.trial import load_results
 from archkit.sleep import SleepingModel
 from archkit.spec import SpecError
 
@@ -326,6 +327,36 @@ def test_ray_tune_search_on_a_local_ray_runtime(tmp_path: Path) -> None:
     # Tune's own experiment folder holds no TensorBoard runs: each trial shows up once
     assert not list((tmp_path / "runs/ray/ray").rglob("events.out.tfevents.*"))
     assert list((tmp_path / "runs/ray/ray").rglob("progress.csv"))
+
+
+def test_trials_of_two_ray_train_workers_match_single_process_trials(tmp_path: Path
+                                                                   ) -> None:
+    """``trial_workers: 2`` on the Ray backend: each trial trains as a Ray Train run of 2
+    gloo ranks (its commands.jsonl says so) and scores what the same trial scores in one
+    process; the optuna backend refuses such a space with one line."""
+    fields = {"params": {"train.lr": {"choices": [1e-3, 3e-3]}}, "budget": {"trials": 2,
+              "steps": 4}, "objectives": [{"metric": "exact"}]}
+    space = load_space(write_space(tmp_path, name="ranks", trial_workers=2, **fields))
+    alone = load_space(write_space(tmp_path, name="alone", **fields))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run_search(space, tmp_path / "runs", backend="ray", progress=False)
+    finally:
+        ray.shutdown()
+    run_search(alone, tmp_path / "runs", backend="optuna", workers=1, progress=False)
+    scores = {}
+    for name in ("ranks", "alone"):
+        results = load_results(tmp_path / "runs" / name)
+        assert [r["state"] for r in results] == ["complete", "complete"], results
+        scores[name] = {r["params"]["train.lr"]: r["metrics"]["exact"] for r in results}
+    assert scores["ranks"] == scores["alone"] and len(scores["ranks"]) == 2
+    for run in (tmp_path / "runs/ranks").glob("trials/*"):
+        entries = [json.loads(line) for line in (run / "commands.jsonl").read_text()
+                   .splitlines()]
+        assert [e["ranks"] for e in entries] == [2]
+    with pytest.raises(SpecError, match="trial_workers"):
+        run_search(space.model_copy(update={"name": "ranks_on_optuna"}), tmp_path / "runs",
+                   backend="optuna", progress=False)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")),

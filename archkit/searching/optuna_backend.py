@@ -48,6 +48,7 @@ from archkit.searching.backends import SearchJob
 from archkit.searching.pareto import write_reports
 from archkit.searching.space import SearchSpace
 from archkit.searching.trial import TrialInterrupted, load_results, run_trial, trial_line
+from archkit.spec import SpecError
 from archkit.workers import free_cores, run_in_processes
 
 console = Console(stderr=True)  # progress; results go to stdout
@@ -225,6 +226,9 @@ def _worker_process(space_json: str, root: str, threads: int, verbose: bool,
 def run(job: SearchJob) -> None:
     """The backend's entry point (``archkit.searching.backends``)."""
     space, root = job.space, job.root
+    if space.trial_workers > 1:
+        raise SpecError("trial_workers", "1 with the optuna backend; trials of several "
+                        "ranks run on the ray backend (--backend ray)", space.trial_workers)
     study = open_study(space, root, job.storage)  # created before the workers race for it
     if job.workers is None:
         threads = space.threads or 1

@@ -189,6 +189,9 @@ class SearchSpace(StrictModel):
     seed: int = 0
     threads: PositiveInt | None = Field(None, description="CPU threads per trial (default: "
                                                           "the machine's cores / workers)")
+    trial_workers: PositiveInt = Field(
+        1, description="training processes per trial (ranks of one data-parallel run); "
+                       "above 1, the ray backend runs each trial as a Ray Train TorchTrainer")
     bench: BenchSettings = BenchSettings()
     ray: RaySettings = RaySettings()
 

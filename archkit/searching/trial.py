@@ -25,7 +25,7 @@ import statistics
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -37,7 +37,7 @@ from archkit.metrics import find
 from archkit.searching.space import SearchSpace
 from archkit.sleep import SleepingModel
 from archkit.spec import Spec, SpecError
-from archkit.trainer import TrainingDiverged, train
+from archkit.trainer import TrainingDiverged, TrainResult, train
 
 RESULT = "result.json"
 
@@ -111,14 +111,24 @@ def card_metrics(sleeper: SleepingModel, spec: Spec) -> dict[str, float]:
     return {**numbers, "sleep_flops_per_pass": card["sleep"]["sleep_flops_per_pass"]}
 
 
+class TrainFunction(Protocol):
+    """How a trial trains: :func:`archkit.trainer.train` in this process, or several
+    ranks elsewhere (the Ray backend's ``trial_workers``)."""
+
+    def __call__(self, spec: Spec, run_dir: Path, resume: bool, progress: bool,
+                 on_eval: Callable[[int, Evaluation], None], log_hparams: bool,
+                 final_table: bool) -> TrainResult: ...
+
+
 def run_trial(space: SearchSpace, params: dict[str, Any], run_dir: Path, trial_id: str,
               threads: int, verbose: bool = False,
               report: Callable[[dict[str, float], int], None] | None = None,
-              node: str | None = None) -> dict[str, Any]:
+              node: str | None = None, train_fn: TrainFunction = train) -> dict[str, Any]:
     """Run one trial into ``run_dir`` (resuming its checkpoint if there is one) and return
     its record; ``verbose`` prints its final evaluation by difficulty. ``report(metrics,
     step)`` sees the metrics after each evaluation, and once more when the trial is
-    complete and recorded. ``node`` names where it runs (default: this host's name)."""
+    complete and recorded. ``node`` names where it runs (default: this host's name);
+    ``train_fn`` trains (default: in this process)."""
     record: dict[str, Any] = {"trial": trial_id, "params": params, "metrics": {},
                               "node": node or socket.gethostname()}
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -140,8 +150,8 @@ def run_trial(space: SearchSpace, params: dict[str, Any], run_dir: Path, trial_i
                 report(record["metrics"], step)
 
         try:
-            result = train(spec, run_dir, resume=resuming, progress=False, on_eval=on_eval,
-                           log_hparams=False, final_table=verbose)
+            result = train_fn(spec, run_dir, resume=resuming, progress=False,
+                              on_eval=on_eval, log_hparams=False, final_table=verbose)
         except TrainingDiverged as err:
             return _finish(run_dir, {**record, "state": "failed", "reason": str(err)})
     if result.interrupted:

@@ -57,7 +57,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train(runs, "two", 20, ranks=2)
     train(runs, "two_then_one", 10, ranks=2)
     train(runs, "two_then_one", 20, ranks=1, resume=True)
-    train(runs, "fsdp", 20, ranks=2, parallel="fsdp")
     train(runs, "one_then_fsdp", 10, ranks=1)
     train(runs, "one_then_fsdp", 20, ranks=2, resume=True, parallel="fsdp")
     train(runs, "fsdp_then_two", 10, ranks=2, parallel="fsdp")
@@ -84,12 +83,12 @@ def test_two_ranks_take_the_steps_of_one_process_with_the_same_global_batch(runs
 
 
 def test_sharded_training_takes_the_steps_of_data_parallel_training(runs: Path) -> None:
-    two, fsdp = losses(runs / "two"), losses(runs / "fsdp")
-    assert fsdp == pytest.approx(two, rel=LOSS_RTOL)  # measured: up to 1.4e-5
-    final_two = json.loads((runs / "two/final.json").read_text())
-    final_fsdp = json.loads((runs / "fsdp/final.json").read_text())
-    assert final_fsdp.pop("loss") == pytest.approx(final_two.pop("loss"), rel=LOSS_RTOL)
-    assert final_fsdp == final_two
+    """FSDP's first 10 steps (fsdp_then_two) against DDP's, and FSDP resumed from one
+    process's checkpoint (one_then_fsdp) against that process continuing."""
+    assert losses(runs / "fsdp_then_two")[:10] == pytest.approx(losses(runs / "two")[:10],
+                                                               rel=LOSS_RTOL)
+    assert losses(runs / "one_then_fsdp")[10:] == pytest.approx(losses(runs / "one")[10:],
+                                                               rel=LOSS_RTOL)
 
 
 def test_a_checkpoint_resumes_under_the_other_layout(runs: Path) -> None:

@@ -18,6 +18,7 @@ its ``exact`` interval (its mean, with one seed) above chance + ``margin``.
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +78,9 @@ def summarise(header: dict[str, Any], results: Sequence[RunResult]) -> dict[str,
                    for n in runs[0].test_time},
             }
             stops = [r.stopped_at for r in runs if r.stopped_at is not None]
-            if stops:
-                entry["stopped_at"] = mean_interval(stops).json()
+            if stops:  # a step count: its range says more than an interval would
+                entry["stopped_at"] = {"mean": statistics.fmean(stops), "min": min(stops),
+                                       "max": max(stops), "n": len(stops)}
             ref_runs = {r.seed: r for r in in_cell if r.arm == reference}
             pairs = {r.seed: r for r in runs
                      if r.seed in ref_runs and ref_runs[r.seed].eval_set == r.eval_set}
@@ -146,7 +148,8 @@ def _error_bars(entries: Sequence[dict[str, Any]]) -> tuple[list[float], list[li
 def report_markdown(summary: dict[str, Any], runs: Path) -> str:
     rates = ", ".join(f"{k} {v:g}" for k, v in summary["rates"].items()) or "from the spec"
     lines = [f"Experiment `{summary['experiment']}` (base `{summary['base']}`; rates: "
-             f"{rates}). `exact` is held-out exact match: mean [95% interval] over seeds; "
+             f"{rates}). `exact` is held-out exact match: mean [95% Student-t interval, "
+             "not clipped to 0..1] over seeds; "
              "differences are arm minus the reference arm "
              f"`{summary['reference']}`, seed by seed, on the same questions, with the "
              f"paired t-test's p. Runs: `{runs / summary['experiment']}/runs`.", ""]
@@ -166,7 +169,7 @@ def report_markdown(summary: dict[str, Any], runs: Path) -> str:
         lines += ["", f"### {summary['grid_field']} = {cell['value']}"
                   if summary["grid_field"] else "### Results", ""]
         keys = list(next(iter(cell["arms"].values()))["trained"])
-        head = ["arm", "seeds", *keys, "difference in exact", "p", "stopped_at"]
+        head = ["arm", "seeds", *keys, "difference in exact", "p", "stopped at (range)"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for arm, entry in cell["arms"].items():
             for where in ["trained", *(k for k in entry if k.startswith("eval_N"))]:
@@ -174,8 +177,9 @@ def report_markdown(summary: dict[str, Any], runs: Path) -> str:
                 values = [_text(entry[where].get(k)) for k in keys]
                 diff = entry.get("difference") if where == "trained" else None
                 p = "-" if diff is None or diff["p_value"] is None else f"{diff['p_value']:.3g}"
-                stop = _text(entry["stopped_at"]) if where == "trained" and \
-                    "stopped_at" in entry else "-"
+                stops = entry.get("stopped_at") if where == "trained" else None
+                stop = "-" if stops is None else \
+                    f"{stops['mean']:.0f} ({stops['min']}-{stops['max']})"
                 diff_text = "-" if diff is None else _signed(diff)
                 lines.append(f"| {label} | {len(entry['seeds'])} | {' | '.join(values)} | "
                              f"{diff_text} | {p} | {stop} |")

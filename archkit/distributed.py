@@ -17,8 +17,9 @@ How K ranks share one run, so that its numbers do not depend on K:
    one process computes, so the same score.
 4. Rank 0 alone writes: logs, TensorBoard, checkpoints, ``final.json``. A checkpoint holds
    no trace of K, so a run resumes under any layout.
-5. A stop (Ctrl-C on any rank, a target reached, a plateau) is agreed by all ranks before
-   the next step, so no rank waits forever in a collective.
+5. A stop (Ctrl-C on any rank; a target or a plateau, as rank 0 judges it from its own
+   ``metrics.jsonl``) is agreed by all ranks before the next step, so no rank waits
+   forever in a collective.
 
 Backends: ``gloo`` on CPU, ``nccl`` on CUDA (each rank on ``cuda:<LOCAL_RANK>``).
 """

@@ -383,15 +383,19 @@ def settle(experiment: Experiment, root: Path, jobs: Sequence[tuple[str, dict[st
             if final is not None:
                 yield index, final
             continue
-        with claim(root / "claims" / f"{name}.lock", wait=False) as mine:
+        with claim(_claim_path(root, name), wait=False) as mine:
             if mine:
                 yield index, run_once(experiment, root, name, overrides, verbose)
         if not mine:
             claimed_elsewhere.append(index)
     for index in claimed_elsewhere:
         name, overrides = jobs[index]
-        with claim(root / "claims" / f"{name}.lock", wait=True):
+        with claim(_claim_path(root, name), wait=True):
             yield index, run_once(experiment, root, name, overrides, verbose)
+
+
+def _claim_path(root: Path, name: str) -> Path:
+    return root / "claims" / f"{name}.lock"
 
 
 def experiment_header(experiment: Experiment, rates: dict[str, float],

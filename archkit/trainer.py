@@ -439,8 +439,8 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
 
     last_eval: tuple[int, Evaluation] | None = None
     until = train_spec.until
-    # the logger has dropped records past the checkpoint: a resumed run's rule sees the
-    # evaluations before it, as an uninterrupted run's would
+    # rank 0's logger has dropped records past the checkpoint: a resumed run's rule sees
+    # the evaluations before it, as an uninterrupted run's would
     history = [] if until is None else [r[until.metric] for r in read_records(run_dir, "eval")
                                         if until.metric in r]
     with StopRequest() as stop:
@@ -463,7 +463,9 @@ def train(spec: Spec, run_dir: Path, resume: bool = False, progress: bool = True
                     if until is not None:
                         history.append(last_eval[1].metrics()[until.metric])
                     reached = target and last_eval[1].score.overall.exact >= target
-                    if reached or (until is not None and not until.improved(history)):
+                    plateau = until is not None and not until.improved(history)
+                    # rank 0's history is the one truncated at the checkpoint: its word goes
+                    if layout.any(layout.writer and bool(reached or plateau)):
                         checkpoint()
                         break
                 if due(state.step, train_spec.checkpoint_every, train_spec.steps):

@@ -323,9 +323,11 @@ def cmd_metrics(args: argparse.Namespace) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
-    from archkit.experiment import load_experiment, run_experiment
+    from archkit.experiment import check_arm_names, load_experiment, run_experiment
 
     experiment = load_experiment(args.experiment)
+    if args.arms is not None:
+        check_arm_names(experiment, args.arms)
     root = args.runs / experiment.name
     if args.background:
         detach(root.with_name(root.name + ".log"))
@@ -333,7 +335,8 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     try:
         run_experiment(experiment, args.runs, progress=not args.no_progress,
                        train_missing=not args.report_only, verbose=args.verbose,
-                       workers=experiment_workers(args.workers, experiment))
+                       workers=experiment_workers(args.workers, experiment),
+                       only=args.arms)
     except KeyboardInterrupt:
         print(f"archkit: interrupted; finished runs are kept in {root}. Run the same command "
               "again to resume.", file=sys.stderr)
@@ -537,6 +540,11 @@ def _workers(text: str) -> int | None:
                                          ) from None
 
 
+def _names(text: str) -> list[str]:
+    """A comma-separated list of names (``--arms N1,N1x2``)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def add_set(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a dotted spec key, e.g. sleep.passes=4 (repeatable)")
@@ -663,6 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "one per free core, by the runs' train.threads; default 1)")
     experiment.add_argument("--report-only", action="store_true",
                             help="train nothing: report the runs that have finished")
+    experiment.add_argument("--arms", type=_names, default=None, metavar="A,B",
+                            help="train only these arms (and the learning-rate runs); the "
+                                 "report covers every finished run")
     experiment.set_defaults(handler=cmd_experiment)
 
     pareto = commands.add_parser("pareto", help="a search's front: table, pareto.csv, .png")

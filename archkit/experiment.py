@@ -10,7 +10,8 @@ more field and with seeds, reported with intervals and paired differences.
       N1_deep: {sleep.passes: 1, model.pattern: AGAG}
     reference: N1                        # differences are arm - reference (default: first)
     seeds: [0, 1, 2, 3, 4]
-    equal_compute: true                  # an arm N1x<n>: N = 1 at n x the steps, per n > 1
+    equal_compute: true                  # an arm N1x<n>: N = 1 at n x the steps, per n > 1,
+                                         # without train.until (it uses every step)
     tune_lr: {lr: [1.0e-3, 2.0e-3, 4.0e-3], adamw_lr: [1.0e-3, 4.0e-3]}
     eval_passes: [8]                     # test-time sleep: every run also evaluated at these N
     sleep_rules: [hebbian]               # ablation: the largest N, asleep with another rule
@@ -28,7 +29,8 @@ How it runs:
    each group on every seed and grid value before the next starts, so a study cut short
    has its main comparison complete. Runs of one seed and grid value answer the same
    held-out questions (the evaluation set depends on the task and the seed only), which is
-   what makes differences between arms paired.
+   what makes differences between arms paired. ``arms`` (``--arms`` on the command line)
+   trains only the arms it names; the report covers every finished run of every arm.
 3. The report (:mod:`archkit.experiment_report`).
 
 Every run is an ordinary training run under ``runs/<name>/runs/<run>``, so TensorBoard and
@@ -188,7 +190,11 @@ def reference_arm(experiment: Experiment) -> str:
 
 def arm_groups(experiment: Experiment, rates: dict[str, float]) -> list[list[Arm]]:
     """The arms in the order they run: the main arms (passes, then ``arms``), then the
-    equal-compute arms, then the sleep-rule ablation; every arm at the tuned ``rates``."""
+    equal-compute arms, then the sleep-rule ablation; every arm at the tuned ``rates``.
+
+    An equal-compute arm trains without the plateau rule (``train.until``): it asks whether
+    N = 1 gets there given n times the steps, which a run stopped at a plateau after a
+    fraction of them cannot answer. Reaching ``train.target_exact`` still ends it."""
     base = experiment.spec({}, "base")
     assert base.train is not None and base.sleep is not None
     tuned = {f"train.{rate}": value for rate, value in rates.items()}
@@ -199,7 +205,8 @@ def arm_groups(experiment: Experiment, rates: dict[str, float]) -> list[list[Arm
     deepest = max(sleep_passes)
     return [
         main,
-        [Arm(f"N1x{n}", {"sleep.passes": 1, "train.steps": base.train.steps * n, **tuned})
+        [Arm(f"N1x{n}", {"sleep.passes": 1, "train.steps": base.train.steps * n,
+                         "train.until": None, **tuned})
          for n in sleep_passes if n > 1 and experiment.equal_compute],
         [Arm(f"N{deepest}_{rule}", {"sleep.passes": deepest, "sleep.rule": rule, **tuned})
          for rule in experiment.sleep_rules],
@@ -208,6 +215,15 @@ def arm_groups(experiment: Experiment, rates: dict[str, float]) -> list[list[Arm
 
 def arms(experiment: Experiment, rates: dict[str, float]) -> list[Arm]:
     return [arm for group in arm_groups(experiment, rates) for arm in group]
+
+
+def check_arm_names(experiment: Experiment, names: Sequence[str]) -> None:
+    """Every name one of the experiment's arms (``--arms``)."""
+    known = [arm.name for arm in arms(experiment, {})]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise SpecError("--arms", f"names of the experiment's arms: {', '.join(known)}",
+                        ",".join(unknown))
 
 
 def tuning_run_name(rate: str, value: float, seed: int) -> str:
@@ -325,47 +341,57 @@ def beyond_edge(values: list[float], scores: dict[float, Any]) -> float | None:
 
 
 def run_experiment(experiment: Experiment, runs: Path, progress: bool = True,
-                   train_missing: bool = True, verbose: bool = False, workers: int = 1
-                   ) -> dict[str, Any]:
+                   train_missing: bool = True, verbose: bool = False, workers: int = 1,
+                   only: Sequence[str] | None = None) -> dict[str, Any]:
     """Train every run the experiment names (``train_missing=False``: only report the
-    finished ones) and write the report. ``workers`` > 1 trains that many runs at once,
-    each in a process of its own; ``progress`` shows one bar for the whole experiment on
-    stderr, ``verbose`` each run's final table."""
+    finished ones; ``only``: train the runs of these arms and the tuning runs, report the
+    finished runs of the others) and write the report. ``workers`` > 1 trains that many
+    runs at once, each in a process of its own; ``progress`` shows one bar for the whole
+    experiment on stderr, ``verbose`` each run's final table."""
+    if only is not None:
+        check_arm_names(experiment, only)
     root = runs / experiment.name
     root.mkdir(parents=True, exist_ok=True)
     with OverallProgress(experiment.name, len(planned_runs(experiment)),
                          experiment_tally(root, experiment), "exact", "runs",
                          enabled=progress and train_missing):
         if workers > 1 and train_missing:
-            run_in_processes(_worker, [(experiment, root, runs, verbose)] * workers)
-        return _run_all(experiment, root, runs, train_missing, verbose)
+            run_in_processes(_worker, [(experiment, root, runs, verbose, only)] * workers)
+        return _run_all(experiment, root, runs, train_missing, verbose, only)
 
 
-def _worker(experiment: Experiment, root: Path, runs: Path, verbose: bool) -> None:
+def _worker(experiment: Experiment, root: Path, runs: Path, verbose: bool,
+            only: Sequence[str] | None) -> None:
     with contextlib.suppress(KeyboardInterrupt):  # the parent says so, once
-        _run_all(experiment, root, runs, True, verbose)
+        _run_all(experiment, root, runs, True, verbose, only)
 
 
 def _run_all(experiment: Experiment, root: Path, runs: Path, train_missing: bool,
-             verbose: bool) -> dict[str, Any]:
+             verbose: bool, only: Sequence[str] | None = None) -> dict[str, Any]:
     rates, tuning = tune_rates(experiment, root, verbose, train_missing)
     header = experiment_header(experiment, rates, tuning)
     planned = [(arm, cell, seed) for group in arm_groups(experiment, rates)
                for seed in experiment.seeds for cell in experiment.cells() for arm in group]
     jobs = [(cell.run_name(arm.name, seed), {**arm.overrides, **cell.overrides, "seed": seed})
             for arm, cell, seed in planned]
-    results: list[RunResult] = []
+    trained = [i for i, (arm, _, _) in enumerate(planned) if only is None or arm.name in only]
+    reported = [i for i in range(len(planned)) if i not in set(trained)]
+    results: dict[int, RunResult] = {}  # by index in ``planned``: the report's order
     summary: dict[str, Any] = {}
-    for index, final in settle(experiment, root, jobs, verbose, train_missing):
-        arm, cell, seed = planned[index]
-        run_dir = root / "runs" / jobs[index][0]
-        results.append(RunResult(
-            arm.name, cell.label, cell.value, seed, final,
-            {n: evaluate_at(run_dir, n) for n in experiment.eval_passes},
-            last_evaluated_step(run_dir),
-            hashlib.sha256((run_dir / "eval_set.json").read_bytes()).hexdigest()))
-        with claim(root / REPORT_LOCK, wait=True):
-            summary = write_report(root, runs, header, results)
+    for indices, train_these in ((trained, train_missing), (reported, False)):
+        for position, final in settle(experiment, root, [jobs[i] for i in indices], verbose,
+                                      train_these):
+            index = indices[position]
+            arm, cell, seed = planned[index]
+            run_dir = root / "runs" / jobs[index][0]
+            results[index] = RunResult(
+                arm.name, cell.label, cell.value, seed, final,
+                {n: evaluate_at(run_dir, n) for n in experiment.eval_passes},
+                last_evaluated_step(run_dir),
+                hashlib.sha256((run_dir / "eval_set.json").read_bytes()).hexdigest())
+            with claim(root / REPORT_LOCK, wait=True):
+                summary = write_report(root, runs, header,
+                                       [results[i] for i in sorted(results)])
     return summary
 
 

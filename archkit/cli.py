@@ -66,7 +66,7 @@ def cmd_build(args: argparse.Namespace) -> None:
                         "rate) to turn --plan into hours", file="<command line>")
     spec = load_spec(args.spec, parse_overrides(args.set))
     require_memory(spec.model, torch.device("cpu"), training=False)
-    model = HybridModel(spec.model)
+    model = HybridModel.uninitialised(spec.model)
     window = args.window or (spec.sleep.window if spec.sleep else DEFAULT_WINDOW)
     card = model_card(model, window, spec.sleep)
     if spec.task is not None and spec.sleep is not None:

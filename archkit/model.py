@@ -66,11 +66,25 @@ class HybridModel(nn.Module):
         self.norm = RMSNorm(spec.d_model, spec.norm_eps)
         self.head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
         self.apply(_init_weights)
-        if spec.tie_embeddings:
-            self.head.weight = self.embedding.weight
+        self._tie()
         self.to(DTYPES[spec.dtype])
         self._compiled_layers: CompiledOrEager | None = None
         self._compiled_step: CompiledOrEager | None = None
+
+    @classmethod
+    def uninitialised(cls, spec: ModelSpec) -> HybridModel:
+        """The spec's model on the CPU with its weights' memory left as it was: for reading
+        shapes and probing costs (``archkit build``), where initialising billions of
+        weights would take most of a minute."""
+        with torch.device("meta"):
+            model = cls(spec)
+        model = model.to_empty(device="cpu")
+        model._tie()  # to_empty gives each module a parameter of its own
+        return model
+
+    def _tie(self) -> None:
+        if self.spec.tie_embeddings:
+            self.head.weight = self.embedding.weight
 
     def init_state(self, batch_size: int) -> ModelState:
         return [layer.mixer.init_state(batch_size) for layer in self.layers]

@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from archkit.card import model_card
+from archkit.cost import cost_plan
 from archkit.model import HybridModel
 from archkit.registry import BLOCKS, RULES
 from archkit.spec import load_spec
@@ -96,6 +98,20 @@ def test_model_card_counts() -> None:
     # gated_delta: 2 heads, K=8, V=16 -> 2*8*16 floats of fast weights + conv tail 3 x 64.
     assert card["layers"][1]["fast_weight_bytes"] == (2 * 8 * 16 + 3 * (8 + 8 + 16) * 2) * 4
     assert card["layers"][0]["fast_weight_bytes"] == 0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_uninitialised_model_has_the_same_card_and_cost_plan(tied: bool) -> None:
+    """``archkit build`` skips initialising weights; what it reports must not change."""
+    spec = load_spec(ROOT / "specs/depo_cpu.yaml", {"model.tie_embeddings": tied})
+    initialised, uninitialised = HybridModel(spec.model), HybridModel.uninitialised(spec.model)
+    assert (uninitialised.head.weight is uninitialised.embedding.weight) is tied
+    assert all(p.device.type == "cpu" for p in uninitialised.parameters())
+    cards = [{**model_card(m, 24, spec.sleep), "plan": cost_plan(m, spec)}
+             for m in (initialised, uninitialised)]
+    assert cards[0] == cards[1]
+    mixed = load_spec(ROOT / "specs/tiny/mixed.yaml").model  # every block
+    assert model_card(HybridModel(mixed), 24) == model_card(HybridModel.uninitialised(mixed), 24)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -119,8 +119,16 @@ def test_a_grid_crosses_arms_and_seeds_and_pairs_runs_on_the_same_questions(
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(data))
     experiment = load_experiment(path)
-    summary = run_experiment(experiment, tmp_path / "runs", progress=False)
+    # one arm first (``--arms deep``): only its runs train, and the report has only them
+    partial = run_experiment(experiment, tmp_path / "runs", progress=False, only=["deep"])
     root = tmp_path / "runs/grid/runs"
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        f"deep_steps{t}_s{s}" for s in (0, 1) for t in (1, 2))
+    assert [set(cell["arms"]) for cell in partial["cells"]] == [{"deep"}, {"deep"}]
+    assert "difference" not in partial["cells"][0]["arms"]["deep"]
+    trained_once = {p: p.stat().st_mtime_ns for p in root.glob("*/final.json")}
+    summary = run_experiment(experiment, tmp_path / "runs", progress=False)
+    assert {p: p.stat().st_mtime_ns for p in trained_once} == trained_once
     names = sorted(p.name for p in root.iterdir())
     assert names == sorted(f"{arm}_steps{t}_s{s}" for arm in ("N1", "deep")
                            for s in (0, 1) for t in (1, 2))
@@ -136,6 +144,7 @@ def test_a_grid_crosses_arms_and_seeds_and_pairs_runs_on_the_same_questions(
     assert (root / "N1_steps1_s0/eval_set.json").read_text() != \
         (root / "N1_steps1_s1/eval_set.json").read_text()
     assert [cell["value"] for cell in summary["cells"]] == [1, 2]
+    assert list(summary["cells"][0]["arms"]) == ["N1", "deep"]  # the experiment's order
     deep = summary["cells"][1]["arms"]["deep"]
     assert deep["difference"]["n"] == 2 and deep["difference"]["p_value"] is not None
     # min_delta 1 cannot be beaten: every run stopped at its second evaluation, step 4 of 8
@@ -171,6 +180,10 @@ def test_the_depth_threshold_study_reduced_runs_every_arm_at_every_t(tmp_path: P
     assert deep["model"]["pattern"] == "AGAG" and deep["sleep"]["passes"] == 1
     longer = yaml.safe_load((root / "N1x4_steps3_s0/checkpoint/spec.yaml").read_text())
     assert longer["train"]["steps"] == 4 * REDUCED["train.steps"]
+    # equal compute means every one of those steps: no plateau rule, unlike the main arms
+    assert longer["train"]["until"] is None
+    main_arm = yaml.safe_load((root / "N1_steps3_s0/checkpoint/spec.yaml").read_text())
+    assert main_arm["train"]["until"]["plateau_evals"] == 8
     for pilot in (ROOT / "experiments/depth_pilots").glob("*.yaml"):
         assert load_experiment(pilot).grid_field == "task.steps"
 
@@ -233,3 +246,10 @@ def test_a_bad_experiment_names_the_file_and_field(tmp_path: Path) -> None:
     done = archkit("experiment", str(path), cwd=tmp_path)
     assert done.returncode == 2 and f"{path}: seed" in done.stderr
     assert "Did you mean 'seeds'?" in done.stderr
+    unknown = archkit("experiment", str(reduced_experiment(tmp_path)), "--arms", "N1,N3",
+                      "--runs", "runs", cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().splitlines() == [
+        "archkit: error: --arms (got 'N3'): names of the experiment's arms: N1, N2, N1x2, "
+        "N2_hebbian"]
+    assert not (tmp_path / "runs").exists()

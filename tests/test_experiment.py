@@ -186,6 +186,8 @@ def test_the_depth_threshold_study_reduced_runs_every_arm_at_every_t(tmp_path: P
     assert main_arm["train"]["until"]["plateau_evals"] == 8
     for pilot in (ROOT / "experiments/depth_pilots").glob("*.yaml"):
         assert load_experiment(pilot).grid_field == "task.steps"
+    depo = load_experiment(ROOT / "experiments/depo_pilots/pilot.yaml").spec({}, "pilot")
+    assert depo.task is not None and depo.task.hops_per == "query"
 
 
 def test_workers_and_a_second_command_share_one_experiment_and_train_each_run_once(

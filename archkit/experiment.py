@@ -374,8 +374,9 @@ def _run_all(experiment: Experiment, root: Path, runs: Path, train_missing: bool
                for seed in experiment.seeds for cell in experiment.cells() for arm in group]
     jobs = [(cell.run_name(arm.name, seed), {**arm.overrides, **cell.overrides, "seed": seed})
             for arm, cell, seed in planned]
-    trained = [i for i, (arm, _, _) in enumerate(planned) if only is None or arm.name in only]
-    reported = [i for i in range(len(planned)) if i not in set(trained)]
+    chosen = [only is None or arm.name in only for arm, _, _ in planned]
+    trained = [i for i, train_it in enumerate(chosen) if train_it]
+    reported = [i for i, train_it in enumerate(chosen) if not train_it]
     results: dict[int, RunResult] = {}  # by index in ``planned``: the report's order
     summary: dict[str, Any] = {}
     for indices, train_these in ((trained, train_missing), (reported, False)):
